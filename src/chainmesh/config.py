@@ -1,0 +1,132 @@
+"""Sampler configuration and validation of user input.
+
+Everything here runs before JAX traces or compiles anything, so a bad argument
+costs the user milliseconds, not a compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from numpyro.infer import init_to_median, init_to_sample, init_to_uniform
+
+INIT_STRATEGIES: dict[str, Callable[..., Any]] = {
+    "init_to_median": init_to_median,
+    "init_to_sample": init_to_sample,
+    "init_to_uniform": init_to_uniform,
+    "init_to_value": init_to_uniform,  # fallback for sites without a value
+}
+INNER_STRATEGIES = ("vmap", "map")
+DEFAULT_CHUNK_DRAWS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static configuration of a sampler; every field is part of the cache key.
+
+    Args:
+        num_chains: Number of chains returned (padding chains are extra).
+        num_warmup: Warmup (adaptation) transitions per chain.
+        num_samples: Draws kept per chain.
+        thinning: Keep every ``thinning``-th transition (NumPyro's meaning):
+            ``num_samples * thinning`` transitions run after warmup.
+        target_accept_prob: Dual-averaging target in (0, 1).
+        max_tree_depth: Maximum NUTS tree depth.
+        dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.
+        init_strategy: Name of a NumPyro init strategy or an init function.
+        chunk_size: Transitions (warmup) or draws (sampling) per compiled call.
+        inner: How a device runs its chains: "vmap" (lockstep) or "map".
+        progress_bar: Show one tqdm bar for the whole run.
+    """
+
+    num_chains: int = 4
+    num_warmup: int = 500
+    num_samples: int = 1000
+    thinning: int = 1
+    target_accept_prob: float = 0.8
+    max_tree_depth: int = 10
+    dense_mass: bool = False
+    init_strategy: str | Callable[..., Any] = "init_to_median"
+    chunk_size: int | None = None
+    inner: str = "vmap"
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("num_chains", self.num_chains, 1, "use at least one chain")
+        _check_int("num_warmup", self.num_warmup, 0, "use 0 to skip adaptation")
+        _check_int("num_samples", self.num_samples, 1, "keep at least one draw")
+        _check_int("thinning", self.thinning, 1, "use thinning=1 to keep all")
+        if self.thinning > self.num_samples:
+            raise ValueError(
+                f"thinning={self.thinning} is larger than num_samples="
+                f"{self.num_samples}; thinning keeps every k-th of num_samples "
+                "draws, so pass thinning <= num_samples"
+            )
+        _check_int("max_tree_depth", self.max_tree_depth, 1, "10 is NumPyro's default")
+        p = self.target_accept_prob
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
+            raise ValueError(
+                f"target_accept_prob must be a number in (0, 1), got {p!r}; "
+                "0.8 is the usual choice, 0.9-0.99 for hard geometry"
+            )
+        if not isinstance(self.dense_mass, bool):
+            raise TypeError(
+                f"dense_mass must be True or False, got {self.dense_mass!r}"
+            )
+        resolve_init_strategy(self.init_strategy)
+        if self.chunk_size is not None:
+            _check_int("chunk_size", self.chunk_size, 1, "or None for automatic")
+        if self.inner not in INNER_STRATEGIES:
+            raise ValueError(
+                f"inner must be one of {INNER_STRATEGIES}, got {self.inner!r}"
+            )
+
+    @property
+    def chunk(self) -> int:
+        """Transitions (warmup) or draws (sampling) per compiled call."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return min(DEFAULT_CHUNK_DRAWS, max(self.num_warmup, self.num_samples))
+
+
+def _check_int(name: str, value: Any, low: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}; {hint}")
+
+
+def resolve_init_strategy(strategy: str | Callable[..., Any]) -> partial:
+    """Return the NumPyro init strategy as a ``functools.partial``.
+
+    Args:
+        strategy: A name from ``INIT_STRATEGIES`` or a NumPyro init function
+            such as ``init_to_feasible`` or ``init_to_value(values=...)``.
+
+    Raises:
+        ValueError: The name is unknown.
+        TypeError: The strategy is neither a name nor a callable.
+    """
+    if isinstance(strategy, str):
+        if strategy not in INIT_STRATEGIES:
+            raise ValueError(
+                f"init_strategy {strategy!r} is unknown; use one of "
+                f"{sorted(INIT_STRATEGIES)} or pass a NumPyro init function"
+            )
+        return INIT_STRATEGIES[strategy]()
+    if not callable(strategy):
+        raise TypeError(
+            "init_strategy must be a strategy name or a NumPyro init function, "
+            f"got {type(strategy).__name__}"
+        )
+    resolved = strategy if isinstance(strategy, partial) else strategy()
+    if not isinstance(resolved, partial):
+        raise TypeError(
+            "init_strategy must behave like NumPyro's init functions: calling it "
+            "with no site returns a functools.partial"
+        )
+    return resolved

@@ -1,0 +1,126 @@
+"""What a NumPyro model looks like to the sampler: sites, potential, constrain.
+
+The model is traced abstractly (``jax.eval_shape``): no array is computed and
+nothing is compiled, so bad models fail fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.util import constrain_fn, potential_energy
+
+
+class ModelInfo(NamedTuple):
+    """Static facts about a model for one argument signature.
+
+    Attributes:
+        latent: Latent continuous sample sites, name -> constrained shape.
+        unconstrained: The same sites in unconstrained space (what NUTS
+            moves), name -> ``jax.ShapeDtypeStruct``.
+        deterministic: Names of ``numpyro.deterministic`` sites.
+        observed: Names of observed sample sites.
+    """
+
+    latent: dict[str, tuple[int, ...]]
+    unconstrained: dict[str, jax.ShapeDtypeStruct]
+    deterministic: tuple[str, ...]
+    observed: tuple[str, ...]
+
+
+def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
+    """Trace ``model(*args, **kwargs)`` abstractly and check NUTS can run it.
+
+    Raises:
+        ValueError: The model has discrete latent sites, ``param`` sites, or
+            no latent site at all.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+
+    def _record(a: tuple, k: dict) -> dict:
+        tr = trace(seed(model, rng_seed=0)).get_trace(*a, **k)
+        unconstrained = {}
+        for name, site in tr.items():
+            entry = {"type": site["type"], "shape": np.shape(site.get("value"))}
+            if site["type"] == "sample":
+                entry["observed"] = bool(site["is_observed"])
+                entry["discrete"] = bool(site["fn"].support.is_discrete)
+                if not (entry["observed"] or entry["discrete"]):
+                    support = biject_to(site["fn"].support)
+                    unconstrained[name] = support.inv(site["value"])
+            sites[name] = entry
+        return unconstrained
+
+    unconstrained = jax.eval_shape(_record, args, kwargs)
+    samples = {n: s for n, s in sites.items() if s["type"] == "sample"}
+    discrete = [n for n, s in samples.items() if s["discrete"] and not s["observed"]]
+    if discrete:
+        raise ValueError(
+            f"model has discrete latent sites {discrete}; NUTS samples continuous "
+            "parameters only. Marginalize them out in the model (sum the "
+            "likelihood over their values) or pass them as observed data"
+        )
+    params = [n for n, s in sites.items() if s["type"] in ("param", "mutable")]
+    if params:
+        raise ValueError(
+            f"model has param/mutable sites {params}; NUTS samples only "
+            "`numpyro.sample` sites. Give them a prior with numpyro.sample, or "
+            "pass fixed values as model arguments"
+        )
+    latent = {n: s["shape"] for n, s in samples.items() if not s["observed"]}
+    if not latent:
+        raise ValueError(
+            "model has no latent sample site; there is nothing for NUTS to sample"
+        )
+    return ModelInfo(
+        latent=latent,
+        unconstrained=unconstrained,
+        deterministic=tuple(n for n, s in sites.items() if s["type"] == "deterministic"),
+        observed=tuple(n for n, s in samples.items() if s["observed"]),
+    )
+
+
+def potential_fn(model: Callable, args: tuple, kwargs: dict) -> Callable:
+    """Potential energy of unconstrained params, for this data."""
+    return partial(potential_energy, model, args, kwargs)
+
+
+def postprocess_fn(model: Callable, args: tuple, kwargs: dict) -> Callable:
+    """Constrained latent values plus deterministic sites, for this data."""
+    return partial(constrain_fn, model, args, kwargs, return_deterministic=True)
+
+
+def potential_fn_gen(model: Callable) -> Callable:
+    """``(*args, **kwargs) -> potential_fn``, the form NumPyro's ``hmc`` takes."""
+
+    def gen(*args: Any, **kwargs: Any) -> Callable:
+        return potential_fn(model, args, kwargs)
+
+    return gen
+
+
+def nonfinite_sites(model: Callable, args: tuple, kwargs: dict, z: dict) -> list[str]:
+    """Sites whose log density is not finite at unconstrained values ``z``.
+
+    Used only to explain a failed initialization, so it runs eagerly.
+    """
+    values = constrain_fn(model, args, kwargs, z)
+    tr = trace(substitute(seed(model, rng_seed=0), data=values)).get_trace(
+        *args, **kwargs
+    )
+    bad = []
+    for name, site in tr.items():
+        if site["type"] != "sample":
+            continue
+        log_prob = np.asarray(site["fn"].log_prob(site["value"]))
+        if not np.all(np.isfinite(log_prob)) or not np.all(
+            np.isfinite(np.asarray(site["value"]))
+        ):
+            bad.append(name)
+    return bad

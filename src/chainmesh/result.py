@@ -1,0 +1,73 @@
+"""What a run returns: draws with a chain axis, extra fields, plan and stats."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from chainmesh.diagnostics import format_summary, summarize
+from chainmesh.layout import flatten_chains
+from chainmesh.mesh import ChainPlan
+
+
+@dataclasses.dataclass
+class Result:
+    """Draws of one run, real chains only (padding chains never appear).
+
+    Attributes:
+        samples: Site name -> ``(num_chains, num_draws, *site_shape)``,
+            constrained, ``numpyro.deterministic`` sites included.
+        extra: ``potential_energy, energy, diverging, accept_prob, num_steps,
+            step_size, tree_depth`` -> ``(num_chains, num_draws)``.
+        plan: Devices used, chains per device, padding chains.
+        stats: Timings, compilations, leapfrog steps, lockstep efficiency,
+            divergences.
+        state: Final NUTS state (sharded on the devices, padding included).
+    """
+
+    samples: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray]
+    plan: ChainPlan
+    stats: dict[str, Any]
+    state: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def num_chains(self) -> int:
+        """Chains in the result."""
+        return self.plan.num_chains
+
+    @property
+    def num_draws(self) -> int:
+        """Draws kept per chain."""
+        return next(iter(self.extra.values())).shape[1]
+
+    def get_samples(self, group_by_chain: bool = True) -> dict[str, np.ndarray]:
+        """Draws by site, like NumPyro's ``MCMC.get_samples``.
+
+        Args:
+            group_by_chain: Keep the chain axis (``(chains, draws, ...)``), or
+                flatten chain-major to ``(chains * draws, ...)``.
+        """
+        if group_by_chain:
+            return dict(self.samples)
+        return {k: flatten_chains(v) for k, v in self.samples.items()}
+
+    def get_extra_fields(self, group_by_chain: bool = True) -> dict[str, np.ndarray]:
+        """Extra fields by name, with or without the chain axis."""
+        if group_by_chain:
+            return dict(self.extra)
+        return {k: flatten_chains(v) for k, v in self.extra.items()}
+
+    def summary(self, prob: float = 0.9, print_: bool = True) -> dict[str, dict]:
+        """Mean, sd, quantiles, r_hat and bulk ESS per scalar; printed by default.
+
+        Returns:
+            Row label (``"beta[0]"``) -> column -> value.
+        """
+        rows = summarize(self.samples, prob=prob)
+        if print_:
+            print(format_summary(rows))
+            print(f"divergences: {int(self.extra['diverging'].sum())}")
+        return rows

@@ -1,0 +1,247 @@
+"""``Sampler``: configuration, plan and mesh, plus the program cache lookup."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from chainmesh import layout
+from chainmesh.config import SamplerConfig, resolve_init_strategy
+from chainmesh.diagnostics import lockstep_efficiency
+from chainmesh.driver import drive
+from chainmesh.init import layout_init_params, root_key
+from chainmesh.kernel import build_nuts
+from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
+from chainmesh.model import inspect_model, nonfinite_sites
+from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
+from chainmesh.result import Result
+
+
+class Sampler:
+    """NUTS on many chains over a device mesh, compiled once per data shape.
+
+    Example:
+        >>> import chainmesh as cm, numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+        ...     numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> sampler = cm.Sampler(model, num_chains=4, num_warmup=200,
+        ...                      num_samples=200, progress_bar=False)
+        >>> result = sampler.run(0, np.ones(10))
+        >>> result.samples["mu"].shape
+        (4, 200)
+
+    Args:
+        model: A NumPyro model; its data arrive as ``run`` arguments.
+        num_chains: Chains returned.
+        num_warmup: Adaptation transitions per chain.
+        num_samples: Transitions after warmup; ``num_samples // thinning``
+            draws are kept per chain.
+        thinning: Keep every ``thinning``-th transition.
+        devices: None (all ``jax.devices()``), an int ``n`` (the first ``n``)
+            or a list of devices.
+        init_strategy: ``"init_to_median"``, ``"init_to_sample"``,
+            ``"init_to_uniform"``, ``"init_to_value"`` or a NumPyro init fn.
+        target_accept_prob: Step-size adaptation target in (0, 1).
+        max_tree_depth: Maximum NUTS tree depth.
+        dense_mass: Adapt a dense mass matrix instead of a diagonal one.
+        chunk_size: Transitions (warmup) or draws (sampling) per compiled
+            call; None picks ``min(100, max(num_warmup, num_samples))``.
+        inner: ``"vmap"`` (vectorized NUTS on a device's chains, lockstep) or
+            ``"map"`` (``lax.map``: chains one after another, no lockstep,
+            smaller compile).
+        progress_bar: One tqdm bar for the whole run, updated per chunk.
+
+    Raises:
+        ValueError, TypeError: Any bad argument, before anything compiles.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        num_chains: int = 4,
+        num_warmup: int = 500,
+        num_samples: int = 1000,
+        thinning: int = 1,
+        devices: Any = None,
+        init_strategy: str | Callable = "init_to_median",
+        target_accept_prob: float = 0.8,
+        max_tree_depth: int = 10,
+        dense_mass: bool = False,
+        chunk_size: int | None = None,
+        inner: str = "vmap",
+        progress_bar: bool = True,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be a callable, got {type(model).__name__}")
+        self.model = model
+        self.config = SamplerConfig(
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            thinning=thinning,
+            target_accept_prob=target_accept_prob,
+            max_tree_depth=max_tree_depth,
+            dense_mass=dense_mass,
+            init_strategy=init_strategy,
+            chunk_size=chunk_size,
+            inner=inner,
+            progress_bar=progress_bar,
+        )
+        self.plan = plan_chains(num_chains, resolve_devices(devices))
+        self.mesh = chain_mesh(self.plan)
+
+    def _cache_key(self, data_signature: tuple) -> tuple:
+        c = self.config
+        static = (
+            c.num_warmup,
+            c.target_accept_prob,
+            c.max_tree_depth,
+            c.dense_mass,
+            c.init_strategy,
+            c.chunk,
+            c.inner,
+        )
+        devices = tuple(d.id for d in self.plan.devices)
+        x64 = bool(jax.config.jax_enable_x64)
+        return (self.model, static, data_signature, devices, self.plan.chains_per_device, x64)
+
+    def run(
+        self,
+        seed: int | jax.Array = 0,
+        *args: Any,
+        init_params: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Result:
+        """Sample the model given data ``*args, **kwargs``.
+
+        Args:
+            seed: An int or a JAX PRNG key; chain ``i`` uses
+                ``fold_in(key, i)``, whatever the number of chains or devices.
+            *args: Positional model arguments (arrays or numbers).
+            init_params: Constrained initial values, site name -> value shaped
+                like the site (all chains) or ``(num_chains, *site_shape)``.
+            **kwargs: Keyword model arguments.
+
+        Returns:
+            The draws of ``num_chains`` chains with extra fields and stats.
+        """
+        config, plan, mesh = self.config, self.plan, self.mesh
+        if config.init_strategy == "init_to_value" and init_params is None:
+            raise ValueError(
+                "init_strategy='init_to_value' needs init_params (site name -> "
+                "value); pass them, or choose another init_strategy"
+            )
+        key = root_key(seed)
+        try:
+            data = layout.replicate((args, kwargs), mesh)
+        except TypeError as err:
+            raise TypeError(
+                "model arguments must be arrays, numbers or pytrees of them (they "
+                f"are arguments of the compiled program): {err}"
+            ) from None
+        cache_key = self._cache_key(layout.signature(data))
+        programs = CACHE.get(cache_key)
+        if programs is None:
+            info = inspect_model(self.model, *data)
+            kernel = build_nuts(self.model, config, info)
+            programs = Programs(info=info, kernel=kernel)
+            CACHE.put(cache_key, programs)
+        dtype = np.dtype(jax.numpy.result_type(float))
+        values = layout_init_params(
+            init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
+        )
+        init_args = (
+            layout.replicate(key, mesh),
+            layout.shard_chains(np.arange(plan.total_chains, dtype=np.int32), mesh),
+            layout.shard_chains(values, mesh),
+            *data,
+        )
+        compile_s, compilations = 0.0, 0
+        values_key = layout.signature(values)
+        if values_key not in programs.inits:
+            t0 = time.perf_counter()
+            strategy = resolve_init_strategy(config.init_strategy)
+            programs.inits[values_key] = compile_init(
+                programs.kernel, strategy, config.inner, mesh, init_args
+            )
+            compile_s, compilations = time.perf_counter() - t0, 1
+        t0 = time.perf_counter()
+        state, valid = programs.inits[values_key](*init_args)
+        self._check_init(state, np.asarray(valid), data)
+        init_s = time.perf_counter() - t0
+        if programs.chunk is None:
+            t0 = time.perf_counter()
+            scalars = [
+                layout.replicate(np.asarray(v, dtype=t), mesh)
+                for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
+            ]
+            programs.chunk = compile_chunk(
+                self.model,
+                programs.kernel,
+                config.inner,
+                config.chunk,
+                mesh,
+                (state, *scalars, *data),
+            )
+            compile_s, compilations = compile_s + time.perf_counter() - t0, compilations + 1
+        out = drive(programs.chunk, state, *data, config, mesh)
+        extra = dict(out.extra)
+        extra["tree_depth"] = (np.log2(extra["num_steps"]).astype(np.int64) + 1)
+        sample, warm = out.counters["sample"], out.counters["warmup"]
+        stats = {
+            "compile_s": compile_s,
+            "compilations": compilations,
+            "init_s": init_s,
+            "warmup_s": out.warmup_s,
+            "sampling_s": out.sampling_s,
+            "leapfrog_steps": sample["leapfrog_steps"],
+            "lockstep_steps": sample["lockstep_steps"],
+            "lockstep_efficiency": lockstep_efficiency(
+                sample["leapfrog_steps"], sample["lockstep_steps"]
+            ),
+            "lockstep_efficiency_warmup": lockstep_efficiency(
+                warm["leapfrog_steps"], warm["lockstep_steps"]
+            ),
+            "leapfrog_steps_warmup": warm["leapfrog_steps"],
+            "divergences": int(extra["diverging"].sum()),
+            "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
+        }
+        return Result(out.draws, extra, plan, stats, state=out.state)
+
+    def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
+        bad = np.flatnonzero(~valid[: self.plan.num_chains])
+        if bad.size == 0:
+            return
+        chain = int(bad[0])
+        z = {k: np.asarray(v)[chain] for k, v in state.z.items()}
+        sites = nonfinite_sites(self.model, *data, z)
+        where = f"at sites {sites}" if sites else "(its gradient is not finite)"
+        raise ValueError(
+            f"no valid initial point for chains {bad.tolist()}: the log density is "
+            f"not finite {where} after 100 tries. Check init_params are inside each "
+            "site's support and the data are finite, or use another init_strategy "
+            "(e.g. 'init_to_sample')"
+        )
+
+
+def sample(
+    model: Callable,
+    *args: Any,
+    model_kwargs: Mapping[str, Any] | None = None,
+    seed: int | jax.Array = 0,
+    init_params: Mapping[str, Any] | None = None,
+    **config: Any,
+) -> Result:
+    """One-shot ``Sampler(model, **config).run(seed, *args, **model_kwargs)``.
+
+    Compiled programs are cached process-wide, so repeated calls with data of
+    the same shapes do not recompile.
+    """
+    sampler = Sampler(model, **config)
+    return sampler.run(seed, *args, init_params=init_params, **(model_kwargs or {}))
