@@ -103,7 +103,9 @@ def drive(
             window = slice(chunk.offset, chunk.offset + chunk.n_draws)
             for group in ("draws", "extra"):
                 for name, x in getattr(out, group).items():
-                    host[group][name][:, window] = np.asarray(x)[:num_chains, : chunk.n_draws]
+                    host[group][name][:, window] = np.asarray(x)[
+                        :num_chains, : chunk.n_draws
+                    ]
         bar.set_description(chunk.phase)
         bar.set_postfix(divergences=counters["sample"]["divergences"], refresh=False)
         bar.update(chunk.n_draws * chunk.per_draw)

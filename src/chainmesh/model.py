@@ -6,12 +6,14 @@ nothing is compiled, so bad models fail fast.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import numpyro
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import constrain_fn, potential_energy
@@ -81,7 +83,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
     return ModelInfo(
         latent=latent,
         unconstrained=unconstrained,
-        deterministic=tuple(n for n, s in sites.items() if s["type"] == "deterministic"),
+        deterministic=tuple(
+            n for n, s in sites.items() if s["type"] == "deterministic"
+        ),
         observed=tuple(n for n, s in samples.items() if s["observed"]),
     )
 
@@ -110,15 +114,19 @@ def nonfinite_sites(model: Callable, args: tuple, kwargs: dict, z: dict) -> list
 
     Used only to explain a failed initialization, so it runs eagerly.
     """
-    values = constrain_fn(model, args, kwargs, z)
-    tr = trace(substitute(seed(model, rng_seed=0), data=values)).get_trace(
-        *args, **kwargs
-    )
+    with numpyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = constrain_fn(model, args, kwargs, z)
+        tr = trace(substitute(seed(model, rng_seed=0), data=values)).get_trace(
+            *args, **kwargs
+        )
     bad = []
     for name, site in tr.items():
         if site["type"] != "sample":
             continue
-        log_prob = np.asarray(site["fn"].log_prob(site["value"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            log_prob = np.asarray(site["fn"].log_prob(site["value"]))
         if not np.all(np.isfinite(log_prob)) or not np.all(
             np.isfinite(np.asarray(site["value"]))
         ):

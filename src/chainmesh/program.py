@@ -94,6 +94,7 @@ def _block_chunk(
     that is what vmapped NUTS pays for.
     """
     local = state.i.shape[0]
+
     def buffer(s):
         return jnp.zeros((size, *s.shape), s.dtype)
 
@@ -117,9 +118,12 @@ def _block_chunk(
     carry = (state, draws, extra, jnp.zeros(len(COUNTERS), jnp.int32))
     state, draws, extra, counts = lax.fori_loop(0, n_draws, one_draw, carry)
     to_chain_major = partial(rearrange, pattern="k c ... -> c k ...")
-    return state, jax.tree.map(to_chain_major, draws), jax.tree.map(
-        to_chain_major, extra
-    ), counts
+    return (
+        state,
+        jax.tree.map(to_chain_major, draws),
+        jax.tree.map(to_chain_major, extra),
+        counts,
+    )
 
 
 def _single_as_block(fn: Callable) -> Callable:
@@ -138,13 +142,17 @@ def _chunk_fn(model: Callable, kernel: NUTSKernel, inner: str, size: int) -> Cal
         post = postprocess_fn(model, args, kwargs)
         run = partial(_block_chunk, size=size, n_draws=n_draws, per_draw=per_draw)
         if inner == "vmap":
-            s, d, e, c = run(jax.vmap(step), jax.vmap(post), state=state, collect=collect)
+            s, d, e, c = run(
+                jax.vmap(step), jax.vmap(post), state=state, collect=collect
+            )
         else:
             # lax.map: one chain after another; no chain waits for another's tree.
             def one_chain(chain_state):
                 block = jax.tree.map(lambda x: x[None], chain_state)
                 out = run(
-                    _single_as_block(step), _single_as_block(post), state=block,
+                    _single_as_block(step),
+                    _single_as_block(post),
+                    state=block,
                     collect=collect,
                 )
                 return out

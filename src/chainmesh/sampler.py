@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from numpyro.infer.hmc import HMCState
 
 from chainmesh import layout
 from chainmesh.config import SamplerConfig, resolve_init_strategy
@@ -109,7 +110,14 @@ class Sampler:
         )
         devices = tuple(d.id for d in self.plan.devices)
         x64 = bool(jax.config.jax_enable_x64)
-        return (self.model, static, data_signature, devices, self.plan.chains_per_device, x64)
+        return (
+            self.model,
+            static,
+            data_signature,
+            devices,
+            self.plan.chains_per_device,
+            x64,
+        )
 
     def run(
         self,
@@ -131,50 +139,9 @@ class Sampler:
         Returns:
             The draws of ``num_chains`` chains with extra fields and stats.
         """
-        config, plan, mesh = self.config, self.plan, self.mesh
-        if config.init_strategy == "init_to_value" and init_params is None:
-            raise ValueError(
-                "init_strategy='init_to_value' needs init_params (site name -> "
-                "value); pass them, or choose another init_strategy"
-            )
-        key = root_key(seed)
-        try:
-            data = layout.replicate((args, kwargs), mesh)
-        except TypeError as err:
-            raise TypeError(
-                "model arguments must be arrays, numbers or pytrees of them (they "
-                f"are arguments of the compiled program): {err}"
-            ) from None
-        cache_key = self._cache_key(layout.signature(data))
-        programs = CACHE.get(cache_key)
-        if programs is None:
-            info = inspect_model(self.model, *data)
-            kernel = build_nuts(self.model, config, info)
-            programs = Programs(info=info, kernel=kernel)
-            CACHE.put(cache_key, programs)
-        dtype = np.dtype(jax.numpy.result_type(float))
-        values = layout_init_params(
-            init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
-        )
-        init_args = (
-            layout.replicate(key, mesh),
-            layout.shard_chains(np.arange(plan.total_chains, dtype=np.int32), mesh),
-            layout.shard_chains(values, mesh),
-            *data,
-        )
-        compile_s, compilations = 0.0, 0
-        values_key = layout.signature(values)
-        if values_key not in programs.inits:
-            t0 = time.perf_counter()
-            strategy = resolve_init_strategy(config.init_strategy)
-            programs.inits[values_key] = compile_init(
-                programs.kernel, strategy, config.inner, mesh, init_args
-            )
-            compile_s, compilations = time.perf_counter() - t0, 1
-        t0 = time.perf_counter()
-        state, valid = programs.inits[values_key](*init_args)
-        self._check_init(state, np.asarray(valid), data)
-        init_s = time.perf_counter() - t0
+        programs, data, state, timing = self._init(seed, args, kwargs, init_params)
+        config, mesh = self.config, self.mesh
+        compile_s, compilations, init_s = timing
         if programs.chunk is None:
             t0 = time.perf_counter()
             scalars = [
@@ -189,10 +156,13 @@ class Sampler:
                 mesh,
                 (state, *scalars, *data),
             )
-            compile_s, compilations = compile_s + time.perf_counter() - t0, compilations + 1
+            compile_s, compilations = (
+                compile_s + time.perf_counter() - t0,
+                compilations + 1,
+            )
         out = drive(programs.chunk, state, *data, config, mesh)
         extra = dict(out.extra)
-        extra["tree_depth"] = (np.log2(extra["num_steps"]).astype(np.int64) + 1)
+        extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
         sample, warm = out.counters["sample"], out.counters["warmup"]
         stats = {
             "compile_s": compile_s,
@@ -212,7 +182,72 @@ class Sampler:
             "divergences": int(extra["diverging"].sum()),
             "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
         }
-        return Result(out.draws, extra, plan, stats, state=out.state)
+        return Result(out.draws, extra, self.plan, stats, state=out.state)
+
+    def init(
+        self,
+        seed: int | jax.Array = 0,
+        *args: Any,
+        init_params: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> HMCState:
+        """The initial NUTS state of every chain, sharded on the mesh.
+
+        Same arguments as ``run``. The leading axis holds all chains that run,
+        padding chains last; ``state.z`` is in unconstrained space.
+        """
+        return self._init(seed, args, kwargs, init_params)[2]
+
+    def _init(self, seed: Any, args: tuple, kwargs: dict, init_params: Any):
+        config, plan, mesh = self.config, self.plan, self.mesh
+        if config.init_strategy == "init_to_value" and init_params is None:
+            raise ValueError(
+                "init_strategy='init_to_value' needs init_params (site name -> "
+                "value); pass them, or choose another init_strategy"
+            )
+        try:
+            data = layout.replicate((args, kwargs), mesh)
+        except TypeError as err:
+            raise TypeError(
+                "model arguments must be arrays, numbers or pytrees of them (they "
+                f"are arguments of the compiled program): {err}"
+            ) from None
+        cache_key = self._cache_key(layout.signature(data))
+        programs = CACHE.get(cache_key)
+        if programs is None:
+            info = inspect_model(self.model, *data)
+            kernel = build_nuts(self.model, config, info)
+            programs = Programs(info=info, kernel=kernel)
+            CACHE.put(cache_key, programs)
+        dtype = np.dtype(jax.numpy.result_type(float))
+        values = layout_init_params(
+            init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
+        )
+        key = root_key(seed)
+        init_args = (
+            layout.replicate(key, mesh),
+            layout.shard_chains(np.arange(plan.total_chains, dtype=np.int32), mesh),
+            layout.shard_chains(values, mesh),
+            *data,
+        )
+        compile_s, compilations = 0.0, 0
+        values_key = layout.signature(values)
+        if values_key not in programs.inits:
+            t0 = time.perf_counter()
+            strategy = resolve_init_strategy(config.init_strategy)
+            programs.inits[values_key] = compile_init(
+                programs.kernel, strategy, config.inner, mesh, init_args
+            )
+            compile_s, compilations = time.perf_counter() - t0, 1
+        t0 = time.perf_counter()
+        state, valid = programs.inits[values_key](*init_args)
+        self._check_init(state, np.asarray(valid), data)
+        return (
+            programs,
+            data,
+            state,
+            (compile_s, compilations, time.perf_counter() - t0),
+        )
 
     def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
         bad = np.flatnonzero(~valid[: self.plan.num_chains])

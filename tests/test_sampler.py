@@ -1,0 +1,179 @@
+"""The sampler end to end: layout, reproducibility, compile reuse, stats."""
+
+import jax
+import numpy as np
+import pytest
+from models import linreg, linreg_data, normal_mean, normal_mean_posterior, scale_model
+
+import chainmesh as cm
+from chainmesh.kernel import EXTRA_FIELDS
+from chainmesh.layout import device_blocks
+
+Y = np.random.default_rng(1).normal(2.0, 1.0, size=25).astype(np.float32)
+FAST = {"num_warmup": 150, "num_samples": 100, "progress_bar": False}
+FIELDS = {*EXTRA_FIELDS, "tree_depth"}
+
+
+def test_uneven_chains_on_four_devices():
+    result = cm.Sampler(normal_mean, num_chains=10, devices=4, **FAST).run(0, Y)
+    plan = result.plan
+    assert (plan.num_devices, plan.chains_per_device, plan.num_padding) == (4, 3, 2)
+    assert result.samples["mu"].shape == (10, 100)
+    assert set(result.extra) == FIELDS
+    for name, x in result.extra.items():
+        assert x.shape == (10, 100), name
+    assert result.extra["diverging"].dtype == bool
+    np.testing.assert_array_equal(
+        result.extra["tree_depth"], np.log2(result.extra["num_steps"]).astype(int) + 1
+    )
+    assert np.all(result.extra["num_steps"] >= 1)
+    assert result.get_samples(group_by_chain=False)["mu"].shape == (1000,)
+
+
+def test_two_chains_on_eight_devices():
+    result = cm.Sampler(normal_mean, num_chains=2, devices=8, **FAST).run(0, Y)
+    assert result.plan.num_devices == 2 and result.plan.num_padding == 0
+    assert result.samples["mu"].shape == (2, 100)
+
+
+def test_chain_draws_independent_of_device_count():
+    eight = cm.Sampler(normal_mean, num_chains=8, devices=8, **FAST).run(3, Y)
+    four = cm.Sampler(normal_mean, num_chains=4, devices=4, **FAST).run(3, Y)
+    np.testing.assert_array_equal(eight.samples["mu"][:4], four.samples["mu"])
+    for name in EXTRA_FIELDS:
+        np.testing.assert_array_equal(eight.extra[name][:4], four.extra[name])
+    assert not np.array_equal(eight.samples["mu"][0], eight.samples["mu"][1])
+
+
+def test_draws_independent_of_chunk_size():
+    X, y = linreg_data()
+    base = cm.Sampler(linreg, num_chains=4, devices=2, **FAST).run(0, X, y)
+    small = cm.Sampler(linreg, num_chains=4, devices=2, chunk_size=7, **FAST)
+    chunked = small.run(0, X, y)
+    for name in base.samples:
+        np.testing.assert_array_equal(base.samples[name], chunked.samples[name])
+
+
+def test_second_run_on_new_data_does_not_compile(count_compiles):
+    X, y = linreg_data(seed=0)
+    sampler = cm.Sampler(linreg, num_chains=4, devices=2, **FAST)
+    first = sampler.run(0, X, y)
+    X2, y2 = linreg_data(seed=1)
+    with count_compiles() as c:
+        second = sampler.run(1, X2, y2)
+    assert c.count == 0
+    assert second.stats["compilations"] == 0 and second.stats["compile_s"] == 0
+    assert not np.array_equal(first.samples["beta"], second.samples["beta"])
+    with count_compiles() as c:  # a new Sampler, same model and config: cached too
+        cm.sample(linreg, X2, y2, seed=2, num_chains=4, devices=2, **FAST)
+    assert c.count == 0
+
+
+def test_conjugate_posterior_within_mcse():
+    result = cm.Sampler(
+        normal_mean, num_chains=8, num_warmup=300, num_samples=500, progress_bar=False
+    ).run(7, Y)
+    exact_mean, exact_sd = normal_mean_posterior(Y)
+    draws = result.samples["mu"]
+    ess = cm.diagnostics.ess_bulk(draws)
+    assert ess > 1000
+    assert abs(draws.mean() - exact_mean) <= 4 * exact_sd / np.sqrt(ess)
+    assert abs(draws.std() - exact_sd) <= 0.1 * exact_sd
+    assert cm.diagnostics.r_hat(draws) < 1.01
+    assert result.stats["divergences"] == 0
+
+
+def test_thinning_keeps_every_kth_transition():
+    kw = {**FAST, "num_samples": 100, "num_chains": 2, "devices": 2}
+    full = cm.Sampler(normal_mean, **kw).run(0, Y)
+    thinned = cm.Sampler(normal_mean, thinning=3, **kw).run(0, Y)
+    assert thinned.samples["mu"].shape == (2, 33)
+    # 100 % 3 = 1 transition is skipped, then the last of each group of 3.
+    np.testing.assert_array_equal(
+        thinned.samples["mu"], full.samples["mu"][:, 1 + 3 * np.arange(1, 34) - 1]
+    )
+
+
+def test_lockstep_accounting():
+    result = cm.Sampler(normal_mean, num_chains=8, devices=4, **FAST).run(0, Y)
+    steps = result.extra["num_steps"].astype(np.int64)
+    assert result.stats["leapfrog_steps"] == steps.sum()
+    lockstep = 2 * device_blocks(steps, 4).max(axis=1).sum()
+    assert result.stats["lockstep_steps"] == lockstep
+    assert result.stats["lockstep_efficiency"] == pytest.approx(steps.sum() / lockstep)
+    assert 0 < result.stats["lockstep_efficiency"] <= 1
+
+
+def test_inner_map_samples_the_same_posterior():
+    result = cm.Sampler(
+        normal_mean,
+        num_chains=8,
+        devices=4,
+        inner="map",
+        num_warmup=300,
+        num_samples=500,
+        progress_bar=False,
+    ).run(7, Y)
+    exact_mean, exact_sd = normal_mean_posterior(Y)
+    ess = cm.diagnostics.ess_bulk(result.samples["mu"])
+    assert abs(result.samples["mu"].mean() - exact_mean) <= 4 * exact_sd / np.sqrt(ess)
+    assert result.stats["lockstep_efficiency"] == 1.0  # no chain waits for another
+
+
+def test_init_params_per_chain_and_broadcast():
+    sampler = cm.Sampler(
+        scale_model, num_chains=3, devices=2, init_strategy="init_to_value", **FAST
+    )
+    state = sampler.init(0, Y, init_params={"sigma": np.array([0.5, 1.0, 2.0])})
+    # chain 3 is padding and reuses chain 0's value; z is unconstrained (log).
+    np.testing.assert_allclose(
+        np.exp(np.asarray(state.z["sigma"])), [0.5, 1.0, 2.0, 0.5], rtol=1e-6
+    )
+    state = sampler.init(0, Y, init_params={"sigma": 1.5})
+    np.testing.assert_allclose(np.exp(np.asarray(state.z["sigma"])), 1.5, rtol=1e-6)
+
+
+def test_deterministic_sites_and_keyword_data():
+    X, y = linreg_data()
+    result = cm.Sampler(linreg, num_chains=4, devices=2, **FAST).run(0, X, y=y)
+    beta, total = result.samples["beta"], result.samples["beta_sum"]
+    assert beta.shape == (4, 100, 3) and total.shape == (4, 100)
+    np.testing.assert_allclose(total, beta.sum(-1), rtol=1e-5, atol=1e-6)
+    assert np.all(result.samples["sigma"] > 0)
+
+
+def test_seed_forms_agree():
+    sampler = cm.Sampler(normal_mean, num_chains=2, devices=2, **FAST)
+    by_int = sampler.run(5, Y).samples["mu"]
+    by_key = sampler.run(jax.random.PRNGKey(5), Y).samples["mu"]
+    by_typed = sampler.run(jax.random.key(5), Y).samples["mu"]
+    np.testing.assert_array_equal(by_int, by_key)
+    np.testing.assert_array_equal(by_int, by_typed)
+
+
+def test_float64():
+    X, y = linreg_data()
+    kw = {
+        "num_chains": 4,
+        "devices": 2,
+        "num_warmup": 300,
+        "num_samples": 400,
+        "progress_bar": False,
+    }
+    single = cm.Sampler(linreg, **kw).run(0, X, y)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        double = cm.Sampler(linreg, **kw).run(
+            0, X.astype(np.float64), y.astype(np.float64)
+        )
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert double.samples["beta"].dtype == np.float64
+    assert single.samples["beta"].dtype == np.float32
+    for k in range(3):
+        a, b = single.samples["beta"][..., k], double.samples["beta"][..., k]
+        se = np.hypot(
+            a.std() / np.sqrt(cm.diagnostics.ess_bulk(a)),
+            b.std() / np.sqrt(cm.diagnostics.ess_bulk(b)),
+        )
+        assert abs(a.mean() - b.mean()) <= 4 * se
