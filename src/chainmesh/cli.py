@@ -54,9 +54,8 @@ def demo(args: argparse.Namespace) -> int:
         )
     s = result.stats
     ess = np.array([rows[k]["ess_bulk"] for k in labels])
-    covered = np.mean(
-        [rows[k]["5%"] <= t <= rows[k]["95%"] for k, t in zip(labels, truth, strict=True)]
-    )
+    pairs = zip(labels, truth, strict=True)
+    covered = np.mean([rows[k]["5%"] <= t <= rows[k]["95%"] for k, t in pairs])
     print(
         f"\ndivergences: {s['divergences']}   max r_hat: "
         f"{max(rows[k]['r_hat'] for k in labels):.3f}   min ess_bulk: {ess.min():.0f}"

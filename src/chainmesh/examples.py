@@ -20,7 +20,8 @@ class Example(NamedTuple):
 def logistic_regression(X, y=None):
     """Bayesian logistic regression: ``y ~ Bernoulli(logit = a + X @ beta)``."""
     alpha = numpyro.sample("alpha", dist.Normal(0.0, 5.0))
-    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    prior = dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1)
+    beta = numpyro.sample("beta", prior)
     numpyro.sample("y", dist.Bernoulli(logits=alpha + X @ beta), obs=y)
 
 

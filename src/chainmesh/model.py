@@ -16,6 +16,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, potential_energy
 
 
@@ -46,7 +47,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
     sites: dict[str, dict[str, Any]] = {}
 
     def _record(a: tuple, k: dict) -> dict:
-        tr = trace(seed(model, rng_seed=0)).get_trace(*a, **k)
+        # init_to_uniform: improper priors (ImproperUniform) cannot be sampled.
+        traced = substitute(seed(model, rng_seed=0), substitute_fn=init_to_uniform)
+        tr = trace(traced).get_trace(*a, **k)
         unconstrained = {}
         for name, site in tr.items():
             entry = {"type": site["type"], "shape": np.shape(site.get("value"))}
