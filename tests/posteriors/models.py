@@ -1,10 +1,10 @@
 """NumPyro models of posteriordb reference posteriors, with their data and references.
 
-Every model takes all of its data as array arguments (no closure constants, no
-shapes from Python ints), so one compiled program serves any data set of the
-same shapes. ``POSTERIORS`` maps a posteriordb folder name to a ``Posterior``
-bundling the model, its argument builder, the reference summary and the map
-from NumPyro sites to Stan parameter names.
+Every model takes all of its data as array arguments (no closure constants;
+shapes come from the arrays, never from data-sized Python ints), so one
+compiled program serves any data set of the same shapes. ``POSTERIORS`` maps a
+posteriordb folder name to a ``Posterior`` bundling the model, its argument
+builder, the reference summary and the map from NumPyro sites to Stan names.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ DATA_DIR = Path(__file__).parent / "data"
 _NUM_COMPONENTS = 2
 
 
-def _flat(support: constraints.Constraint, event_shape: tuple[int, ...] = ()):
+def _flat(
+    support: constraints.Constraint, event_shape: tuple[int, ...] = ()
+) -> dist.ImproperUniform:
     """Improper flat prior on ``support`` (Stan's default prior)."""
     return dist.ImproperUniform(support, (), event_shape)
 
