@@ -62,9 +62,10 @@ class RunOutput:
     sampling_s: float
 
 
-def _empty(outputs: dict[str, jax.Array], chains: int, draws: int) -> dict:
+def _empty(outputs: dict[str, jax.Array], keep: tuple[int, ...], draws: int) -> dict:
+    lead = len(keep) + 1
     return {
-        name: np.empty((chains, draws, *x.shape[2:]), dtype=x.dtype)
+        name: np.empty((*keep, draws, *x.shape[lead:]), dtype=x.dtype)
         for name, x in outputs.items()
     }
 
@@ -76,9 +77,18 @@ def drive(
     kwargs: dict,
     config: SamplerConfig,
     mesh: Mesh,
+    keep: tuple[int, ...] | None = None,
 ) -> RunOutput:
-    """Run every chunk of ``schedule(config)`` and gather the kept draws."""
-    num_chains, kept = config.num_chains, config.num_samples // config.thinning
+    """Run every chunk of ``schedule(config)`` and gather the kept draws.
+
+    Args:
+        keep: Leading axes to keep before the draw axis: ``(num_chains,)`` by
+            default, ``(num_shards, num_chains)`` on a shard mesh; padding
+            beyond them is dropped here.
+    """
+    keep = (config.num_chains,) if keep is None else keep
+    kept = config.num_samples // config.thinning
+    real = tuple(slice(0, k) for k in keep)
     counters = {p: dict.fromkeys(COUNTERS, 0) for p in ("warmup", "sample")}
     host: dict[str, dict[str, np.ndarray]] = {}
     bar = tqdm(
@@ -92,20 +102,19 @@ def drive(
     marks = {"warmup": t0}
 
     def consume(chunk: Chunk, out: ChunkOut) -> None:
-        counts = np.asarray(out.counters).sum(axis=0)
+        counts = np.asarray(out.counters).reshape(-1, len(COUNTERS)).sum(axis=0)
         for name, value in zip(COUNTERS, counts, strict=True):
             counters[chunk.phase][name] += int(value)
         marks[chunk.phase] = time.perf_counter()
         if chunk.collect:
             if not host:
-                host["draws"] = _empty(out.draws, num_chains, kept)
-                host["extra"] = _empty(out.extra, num_chains, kept)
-            window = slice(chunk.offset, chunk.offset + chunk.n_draws)
+                host["draws"] = _empty(out.draws, keep, kept)
+                host["extra"] = _empty(out.extra, keep, kept)
+            window = (*real, slice(chunk.offset, chunk.offset + chunk.n_draws))
             for group in ("draws", "extra"):
                 for name, x in getattr(out, group).items():
-                    host[group][name][:, window] = np.asarray(x)[
-                        :num_chains, : chunk.n_draws
-                    ]
+                    chunk_draws = (*real, slice(0, chunk.n_draws))
+                    host[group][name][window] = np.asarray(x)[chunk_draws]
         bar.set_description(chunk.phase)
         bar.set_postfix(divergences=counters["sample"]["divergences"], refresh=False)
         bar.update(chunk.n_draws * chunk.per_draw)

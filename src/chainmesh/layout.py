@@ -10,17 +10,25 @@ from einops import rearrange
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from chainmesh.mesh import CHAIN
+from chainmesh.mesh import CHAIN, SHARD
 
 
 def shard_chains(tree: Any, mesh: Mesh) -> Any:
-    """Place arrays with a leading chain axis, one block of chains per device."""
+    """Place arrays with a leading chain axis, one block of chains per device.
+
+    On a ``(shard, chain)`` mesh the blocks are replicated over the shard rows.
+    """
     return jax.device_put(tree, NamedSharding(mesh, P(CHAIN)))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place data (model arguments) whole on every device of the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_data(tree: Any, mesh: Mesh) -> Any:
+    """Place arrays with a leading data-shard axis, one block per mesh row."""
+    return jax.device_put(tree, NamedSharding(mesh, P(SHARD)))
 
 
 def signature(tree: Any) -> tuple:

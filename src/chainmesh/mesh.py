@@ -137,3 +137,66 @@ def plan_chains(num_chains: int, devices: Sequence[jax.Device]) -> ChainPlan:
 def chain_mesh(plan: ChainPlan) -> Mesh:
     """A one-axis mesh over the plan's devices, axis named ``CHAIN``."""
     return Mesh(np.asarray(plan.devices, dtype=object), (CHAIN,))
+
+
+SHARD = "shard"
+"""Name of the mesh axis that carries data shards (consensus Monte Carlo)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """How data shards x chains are spread over a 2-D ``(shard, chain)`` mesh.
+
+    Attributes:
+        num_shards: Data shards returned to the user.
+        shards_per_device: Shards in each row of the mesh.
+        num_shard_padding: Extra shards (copies of shard 0) run, then dropped.
+        chains: The chain plan of every shard (over one row of devices).
+        devices: The mesh's devices, shaped ``(shard rows, chain columns)``.
+    """
+
+    num_shards: int
+    shards_per_device: int
+    num_shard_padding: int
+    chains: ChainPlan
+    devices: np.ndarray
+
+    @property
+    def total_shards(self) -> int:
+        """Shards that run, padding included."""
+        return self.num_shards + self.num_shard_padding
+
+    def __str__(self) -> str:
+        rows, cols = self.devices.shape
+        return (
+            f"{self.num_shards} shards x {self.chains.num_chains} chains on a "
+            f"{rows} x {cols} (shard, chain) mesh: {self.shards_per_device} "
+            f"shard(s) x {self.chains.chains_per_device} chain(s) per device, "
+            f"{self.num_shard_padding} padding shard(s), "
+            f"{self.chains.num_padding} padding chain(s) per shard"
+        )
+
+
+def plan_shards(
+    num_shards: int, num_chains: int, devices: Sequence[jax.Device]
+) -> ShardPlan:
+    """Give shards the mesh rows and chains the columns, padding both.
+
+    Rows come first: ``rows = ceil(K / ceil(K / D))`` shard rows (the padding
+    rule on shards), then each row gets ``D // rows`` devices for its chains
+    (the padding rule again). 4 shards x 4 chains on 8 devices -> a 4 x 2 mesh
+    with 2 chains per device.
+    """
+    per_shard = math.ceil(num_shards / len(devices))
+    rows = math.ceil(num_shards / per_shard)
+    cols = len(devices) // rows
+    chains = plan_chains(num_chains, devices[:cols])
+    cols = chains.num_devices
+    grid = np.asarray(list(devices[: rows * cols]), dtype=object).reshape(rows, cols)
+    chains = dataclasses.replace(chains, devices=tuple(grid[0]))
+    return ShardPlan(num_shards, per_shard, rows * per_shard - num_shards, chains, grid)
+
+
+def shard_mesh(plan: ShardPlan) -> Mesh:
+    """A two-axis ``(SHARD, CHAIN)`` mesh over the plan's devices."""
+    return Mesh(plan.devices, (SHARD, CHAIN))

@@ -28,7 +28,7 @@ from numpyro.infer.hmc import HMCState
 
 from chainmesh.init import chain_key, with_values
 from chainmesh.kernel import NUTSKernel, extra_fields
-from chainmesh.mesh import CHAIN
+from chainmesh.mesh import CHAIN, SHARD
 from chainmesh.model import ModelInfo, postprocess_fn
 
 COUNTERS = ("leapfrog_steps", "lockstep_steps", "divergences")
@@ -177,18 +177,46 @@ def _init_fn(kernel: NUTSKernel, strategy: Any, inner: str) -> Callable:
     return per_device
 
 
+def _over_shards(fn: Callable, batched: tuple[bool, ...]) -> Callable:
+    """vmap a per-device function over a leading block of data shards.
+
+    ``batched`` says which arguments carry the shard axis (state, data); the
+    others (scalars, chain ids) are shared by every shard.
+    """
+    return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
+
+
 def compile_init(
-    kernel: NUTSKernel, strategy: Any, inner: str, mesh: Mesh, init_args: tuple
+    kernel: NUTSKernel,
+    strategy: Any,
+    inner: str,
+    mesh: Mesh,
+    init_args: tuple,
+    sharded: bool = False,
 ) -> Callable[..., tuple[HMCState, jax.Array]]:
-    """Compile the init program for ``(root, chains, values, args, kwargs)``."""
-    chain, rep = P(CHAIN), P()
+    """Compile the init program.
+
+    Args:
+        init_args: ``(root, chains, values, args, kwargs)``, or with
+            ``sharded`` ``(root, shards, chains, values, args, kwargs)`` where
+            shard ``k`` uses the root key ``fold_in(root, k)`` and its own data.
+    """
+    fn, rep = _init_fn(kernel, strategy, inner), P()
+    if not sharded:
+        in_specs, out_specs = (rep, P(CHAIN), P(CHAIN), rep, rep), P(CHAIN)
+    else:
+        per_shard = _over_shards(fn, (True, False, False, True, True))
+
+        def fn(root, shards, chains, values, args, kwargs):
+            roots = jax.vmap(chain_key, in_axes=(None, 0))(root, shards)
+            return per_shard(roots, chains, values, args, kwargs)
+
+        data = P(SHARD)
+        in_specs = (rep, data, P(CHAIN), P(CHAIN), data, data)
+        out_specs = P(SHARD, CHAIN)
     program = jax.jit(
         jax.shard_map(
-            _init_fn(kernel, strategy, inner),
-            mesh=mesh,
-            in_specs=(rep, chain, chain, rep, rep),
-            out_specs=chain,
-            check_vma=False,
+            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         )
     )
     return program.lower(*init_args).compile()
@@ -201,17 +229,22 @@ def compile_chunk(
     size: int,
     mesh: Mesh,
     chunk_args: tuple,
+    sharded: bool = False,
 ) -> Callable[..., ChunkOut]:
     """Compile the chunk program for ``(state, n_draws, per_draw, collect, args,
-    kwargs)``; the state argument is donated."""
-    chain, rep = P(CHAIN), P()
+    kwargs)``; the state argument is donated. With ``sharded``, state and data
+    carry a leading shard axis and every array a chain axis after it."""
+    fn, rep = _chunk_fn(model, kernel, inner, size), P()
+    if not sharded:
+        in_specs, out_specs = (P(CHAIN), rep, rep, rep, rep, rep), P(CHAIN)
+    else:
+        fn = _over_shards(fn, (True, False, False, False, True, True))
+        data = P(SHARD)
+        in_specs = (P(SHARD, CHAIN), rep, rep, rep, data, data)
+        out_specs = P(SHARD, CHAIN)
     program = jax.jit(
         jax.shard_map(
-            _chunk_fn(model, kernel, inner, size),
-            mesh=mesh,
-            in_specs=(chain, rep, rep, rep, rep, rep),
-            out_specs=chain,
-            check_vma=False,
+            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         ),
         donate_argnums=0,
     )

@@ -16,7 +16,14 @@ from chainmesh.diagnostics import lockstep_efficiency
 from chainmesh.driver import drive
 from chainmesh.init import layout_init_params, root_key
 from chainmesh.kernel import build_nuts
-from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
+from chainmesh.mesh import (
+    ShardPlan,
+    chain_mesh,
+    plan_chains,
+    plan_shards,
+    resolve_devices,
+    shard_mesh,
+)
 from chainmesh.model import inspect_model, nonfinite_sites
 from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
 from chainmesh.result import Result
@@ -94,8 +101,22 @@ class Sampler:
             inner=inner,
             progress_bar=progress_bar,
         )
+        self.shards: ShardPlan | None = None
         self.plan = plan_chains(num_chains, resolve_devices(devices))
         self.mesh = chain_mesh(self.plan)
+
+    @classmethod
+    def _for_shards(
+        cls, model: Callable, num_shards: int, devices: Any = None, **config: Any
+    ) -> Sampler:
+        """A sampler whose data carry a leading shard axis, on a 2-D mesh."""
+        sampler = cls(model, devices=devices, **config)
+        sampler.shards = plan_shards(
+            num_shards, sampler.config.num_chains, resolve_devices(devices)
+        )
+        sampler.plan = sampler.shards.chains
+        sampler.mesh = shard_mesh(sampler.shards)
+        return sampler
 
     def _cache_key(self, data_signature: tuple) -> tuple:
         c = self.config
@@ -108,16 +129,11 @@ class Sampler:
             c.chunk,
             c.inner,
         )
-        devices = tuple(d.id for d in self.plan.devices)
+        devices = tuple(d.id for d in self.mesh.devices.flat)
+        mesh = (self.mesh.axis_names, self.mesh.devices.shape, devices)
+        chains = (self.plan.total_chains, self.plan.chains_per_device)
         x64 = bool(jax.config.jax_enable_x64)
-        return (
-            self.model,
-            static,
-            data_signature,
-            devices,
-            self.plan.chains_per_device,
-            x64,
-        )
+        return (self.model, static, data_signature, mesh, chains, x64)
 
     def run(
         self,
@@ -139,6 +155,12 @@ class Sampler:
         Returns:
             The draws of ``num_chains`` chains with extra fields and stats.
         """
+        if self.shards is not None:
+            raise TypeError("this sampler runs data shards: use chainmesh.cmc.sample")
+        out, extra, stats = self._sample(seed, args, kwargs, init_params)
+        return Result(out.draws, extra, self.plan, stats, state=out.state)
+
+    def _sample(self, seed: Any, args: tuple, kwargs: dict, init_params: Any):
         programs, data, state, timing = self._init(seed, args, kwargs, init_params)
         config, mesh = self.config, self.mesh
         compile_s, compilations, init_s = timing
@@ -155,12 +177,16 @@ class Sampler:
                 config.chunk,
                 mesh,
                 (state, *scalars, *data),
+                sharded=self.shards is not None,
             )
             compile_s, compilations = (
                 compile_s + time.perf_counter() - t0,
                 compilations + 1,
             )
-        out = drive(programs.chunk, state, *data, config, mesh)
+        keep = (config.num_chains,)
+        if self.shards is not None:
+            keep = (self.shards.num_shards, *keep)
+        out = drive(programs.chunk, state, *data, config, mesh, keep)
         extra = dict(out.extra)
         extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
         sample, warm = out.counters["sample"], out.counters["warmup"]
@@ -182,7 +208,7 @@ class Sampler:
             "divergences": int(extra["diverging"].sum()),
             "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
         }
-        return Result(out.draws, extra, self.plan, stats, state=out.state)
+        return out, extra, stats
 
     def init(
         self,
@@ -205,8 +231,9 @@ class Sampler:
                 "init_strategy='init_to_value' needs init_params (site name -> "
                 "value); pass them, or choose another init_strategy"
             )
+        place = layout.replicate if self.shards is None else layout.shard_data
         try:
-            data = layout.replicate((args, kwargs), mesh)
+            data = place((args, kwargs), mesh)
         except TypeError as err:
             raise TypeError(
                 "model arguments must be arrays, numbers or pytrees of them (they "
@@ -215,7 +242,7 @@ class Sampler:
         cache_key = self._cache_key(layout.signature(data))
         programs = CACHE.get(cache_key)
         if programs is None:
-            info = inspect_model(self.model, *data)
+            info = inspect_model(self.model, *self._one_shard(data))
             kernel = build_nuts(self.model, config, info)
             programs = Programs(info=info, kernel=kernel)
             CACHE.put(cache_key, programs)
@@ -224,19 +251,28 @@ class Sampler:
             init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
         )
         key = root_key(seed)
+        chains = np.arange(plan.total_chains, dtype=np.int32)
         init_args = (
             layout.replicate(key, mesh),
-            layout.shard_chains(np.arange(plan.total_chains, dtype=np.int32), mesh),
+            layout.shard_chains(chains, mesh),
             layout.shard_chains(values, mesh),
             *data,
         )
+        if self.shards is not None:
+            shards = np.arange(self.shards.total_shards, dtype=np.int32)
+            init_args = (init_args[0], layout.shard_data(shards, mesh), *init_args[1:])
         compile_s, compilations = 0.0, 0
         values_key = layout.signature(values)
         if values_key not in programs.inits:
             t0 = time.perf_counter()
             strategy = resolve_init_strategy(config.init_strategy)
             programs.inits[values_key] = compile_init(
-                programs.kernel, strategy, config.inner, mesh, init_args
+                programs.kernel,
+                strategy,
+                config.inner,
+                mesh,
+                init_args,
+                sharded=self.shards is not None,
             )
             compile_s, compilations = time.perf_counter() - t0, 1
         t0 = time.perf_counter()
@@ -249,16 +285,31 @@ class Sampler:
             (compile_s, compilations, time.perf_counter() - t0),
         )
 
+    def _one_shard(self, data: tuple) -> tuple:
+        """Data as the model sees them: without the shard axis, if any."""
+        if self.shards is None:
+            return data
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+
     def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
-        bad = np.flatnonzero(~valid[: self.plan.num_chains])
+        keep = (self.plan.num_chains,)
+        if self.shards is not None:
+            keep = (self.shards.num_shards, *keep)
+        real = tuple(slice(0, k) for k in keep)
+        bad = np.argwhere(~valid[real])
         if bad.size == 0:
             return
-        chain = int(bad[0])
-        z = {k: np.asarray(v)[chain] for k, v in state.z.items()}
+        first = tuple(int(i) for i in bad[0])
+        z = {k: np.asarray(v)[first] for k, v in state.z.items()}
+        if self.shards is not None:
+            data = jax.tree.map(lambda x: np.asarray(x)[first[0]], data)
+            where_chain = f"(shard, chain) {[tuple(map(int, b)) for b in bad]}"
+        else:
+            where_chain = f"chains {bad[:, 0].tolist()}"
         sites = nonfinite_sites(self.model, *data, z)
         where = f"at sites {sites}" if sites else "(its gradient is not finite)"
         raise ValueError(
-            f"no valid initial point for chains {bad.tolist()}: the log density is "
+            f"no valid initial point for {where_chain}: the log density is "
             f"not finite {where} after 100 tries. Check init_params are inside each "
             "site's support and the data are finite, or use another init_strategy "
             "(e.g. 'init_to_sample')"
