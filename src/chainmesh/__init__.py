@@ -1,6 +1,6 @@
 """chainmesh: many NumPyro NUTS chains as one SPMD program over a JAX device mesh."""
 
-from chainmesh import diagnostics
+from chainmesh import cmc, combine, diagnostics
 from chainmesh.config import SamplerConfig
 from chainmesh.mesh import CHAIN, ChainPlan, plan_chains, set_host_device_count
 from chainmesh.program import CACHE
@@ -22,6 +22,8 @@ __all__ = [
     "Sampler",
     "SamplerConfig",
     "clear_cache",
+    "cmc",
+    "combine",
     "diagnostics",
     "plan_chains",
     "sample",

@@ -24,7 +24,7 @@ from chainmesh.mesh import (
     resolve_devices,
     shard_mesh,
 )
-from chainmesh.model import inspect_model, nonfinite_sites
+from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
 from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
 from chainmesh.result import Result
 
@@ -102,6 +102,7 @@ class Sampler:
             progress_bar=progress_bar,
         )
         self.shards: ShardPlan | None = None
+        self.info: ModelInfo | None = None  # the model's sites, after a run
         self.plan = plan_chains(num_chains, resolve_devices(devices))
         self.mesh = chain_mesh(self.plan)
 
@@ -246,6 +247,7 @@ class Sampler:
             kernel = build_nuts(self.model, config, info)
             programs = Programs(info=info, kernel=kernel)
             CACHE.put(cache_key, programs)
+        self.info = programs.info
         dtype = np.dtype(jax.numpy.result_type(float))
         values = layout_init_params(
             init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
