@@ -25,6 +25,9 @@ class Result:
         stats: Timings, compilations, leapfrog steps, lockstep efficiency,
             divergences.
         state: Final NUTS state (sharded on the devices, padding included).
+        model: The sampled model.
+        model_args: Its positional arguments (as passed to ``run``).
+        model_kwargs: Its keyword arguments.
     """
 
     samples: dict[str, np.ndarray]
@@ -32,6 +35,9 @@ class Result:
     plan: ChainPlan
     stats: dict[str, Any]
     state: Any = dataclasses.field(default=None, repr=False)
+    model: Any = dataclasses.field(default=None, repr=False)
+    model_args: tuple = dataclasses.field(default=(), repr=False)
+    model_kwargs: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_chains(self) -> int:

@@ -159,7 +159,16 @@ class Sampler:
         if self.shards is not None:
             raise TypeError("this sampler runs data shards: use chainmesh.cmc.sample")
         out, extra, stats = self._sample(seed, args, kwargs, init_params)
-        return Result(out.draws, extra, self.plan, stats, state=out.state)
+        return Result(
+            out.draws,
+            extra,
+            self.plan,
+            stats,
+            state=out.state,
+            model=self.model,
+            model_args=args,
+            model_kwargs=kwargs,
+        )
 
     def _sample(self, seed: Any, args: tuple, kwargs: dict, init_params: Any):
         programs, data, state, timing = self._init(seed, args, kwargs, init_params)
