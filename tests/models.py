@@ -47,3 +47,15 @@ def scale_model(y):
     """A positive-support latent, for init checks."""
     sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
     numpyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+
+
+RESUME_CONFIG = {
+    "num_chains": 4,
+    "devices": 2,
+    "num_warmup": 60,
+    "num_samples": 60,
+    "chunk_size": 10,
+    "checkpoint_every": 2,
+    "progress_bar": False,
+}
+"""6 warmup chunks then 6 sampling chunks, a checkpoint every 2 chunks."""

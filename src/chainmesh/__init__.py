@@ -1,6 +1,7 @@
 """chainmesh: many NumPyro NUTS chains as one SPMD program over a JAX device mesh."""
 
-from chainmesh import cmc, combine, diagnostics
+from chainmesh import backends, cmc, combine, diagnostics
+from chainmesh.chain_transform import chain_method
 from chainmesh.config import SamplerConfig
 from chainmesh.mesh import CHAIN, ChainPlan, plan_chains, set_host_device_count
 from chainmesh.program import CACHE
@@ -20,7 +21,9 @@ __all__ = [
     "ChainPlan",
     "Result",
     "Sampler",
+    "backends",
     "SamplerConfig",
+    "chain_method",
     "clear_cache",
     "cmc",
     "combine",

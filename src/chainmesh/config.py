@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -41,6 +42,11 @@ class SamplerConfig:
         chunk_size: Transitions (warmup) or draws (sampling) per compiled call.
         inner: How a device runs its chains: "vmap" (lockstep) or "map".
         progress_bar: Show one tqdm bar for the whole run.
+        checkpoint_dir: Directory for atomic checkpoints (None: none).
+        checkpoint_every: Chunks between checkpoints.
+        store: Directory to stream kept draws into as ``.npy`` files (None:
+            keep them in memory).
+        check_data: Refuse NaN/inf in floating-point model arguments.
     """
 
     num_chains: int = 4
@@ -54,6 +60,10 @@ class SamplerConfig:
     chunk_size: int | None = None
     inner: str = "vmap"
     progress_bar: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 10
+    store: str | None = None
+    check_data: bool = True
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
@@ -80,6 +90,11 @@ class SamplerConfig:
         resolve_init_strategy(self.init_strategy)
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size, 1, "or None for automatic")
+        _check_int("checkpoint_every", self.checkpoint_every, 1, "in chunks")
+        for name in ("checkpoint_dir", "store"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | os.PathLike):
+                raise TypeError(f"{name} must be a path or None, got {value!r}")
         if self.inner not in INNER_STRATEGIES:
             raise ValueError(
                 f"inner must be one of {INNER_STRATEGIES}, got {self.inner!r}"

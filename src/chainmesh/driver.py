@@ -12,13 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from chainmesh.config import SamplerConfig
-from chainmesh.layout import replicate
+from chainmesh.layout import replicate, to_host
 from chainmesh.program import COUNTERS, ChunkOut
 
 
@@ -62,12 +61,28 @@ class RunOutput:
     sampling_s: float
 
 
-def _empty(outputs: dict[str, jax.Array], keep: tuple[int, ...], draws: int) -> dict:
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: the next chunk, draws kept so far, counters."""
+
+    next_chunk: int = 0
+    filled: int = 0
+    counters: dict[str, dict[str, int]] = dataclasses.field(
+        default_factory=lambda: {p: dict.fromkeys(COUNTERS, 0) for p in PHASES}
+    )
+
+
+PHASES = ("warmup", "sample")
+
+
+def allocate(store: Any, chunk_program: Any, keep: tuple[int, ...], kept: int) -> None:
+    """Room in ``store`` for every site and extra field of the run."""
     lead = len(keep) + 1
-    return {
-        name: np.empty((*keep, draws, *x.shape[lead:]), dtype=x.dtype)
-        for name, x in outputs.items()
-    }
+    out = chunk_program.out_info
+    for group in ("draws", "extra"):
+        for name, x in getattr(out, group).items():
+            shape = (*keep, kept, *x.shape[lead:])
+            store.allocate(group, name, shape, np.dtype(x.dtype))
 
 
 def drive(
@@ -77,22 +92,31 @@ def drive(
     kwargs: dict,
     config: SamplerConfig,
     mesh: Mesh,
-    keep: tuple[int, ...] | None = None,
+    keep: tuple[int, ...],
+    store: Any,
+    progress: Progress | None = None,
+    checkpoint: Callable[[Progress, Any], None] | None = None,
+    every: int = 1,
 ) -> RunOutput:
-    """Run every chunk of ``schedule(config)`` and gather the kept draws.
+    """Run the chunks of ``schedule(config)`` from ``progress`` on.
 
     Args:
-        keep: Leading axes to keep before the draw axis: ``(num_chains,)`` by
-            default, ``(num_shards, num_chains)`` on a shard mesh; padding
-            beyond them is dropped here.
+        keep: Leading axes kept before the draw axis: ``(num_chains,)``, or
+            ``(num_shards, num_chains)`` on a shard mesh; padding is dropped.
+        store: Where kept draws go (``MemoryStore`` or ``FileStore``),
+            already allocated.
+        progress: Where to start (a resumed run); None starts at chunk 0.
+        checkpoint: Called as ``checkpoint(progress, host_state)`` after every
+            ``every`` chunks and after the last one.
     """
-    keep = (config.num_chains,) if keep is None else keep
-    kept = config.num_samples // config.thinning
+    progress = progress or Progress()
+    chunks = list(schedule(config))
     real = tuple(slice(0, k) for k in keep)
-    counters = {p: dict.fromkeys(COUNTERS, 0) for p in ("warmup", "sample")}
-    host: dict[str, dict[str, np.ndarray]] = {}
+    counters = progress.counters
+    done = sum(c.n_draws * c.per_draw for c in chunks[: progress.next_chunk])
     bar = tqdm(
         total=config.num_warmup + config.num_samples,
+        initial=done,
         disable=not config.progress_bar,
         desc="warmup",
         unit="it",
@@ -101,20 +125,19 @@ def drive(
     t0 = time.perf_counter()
     marks = {"warmup": t0}
 
-    def consume(chunk: Chunk, out: ChunkOut) -> None:
-        counts = np.asarray(out.counters).reshape(-1, len(COUNTERS)).sum(axis=0)
+    def consume(index: int, chunk: Chunk, out: ChunkOut) -> None:
+        counts = to_host(out.counters).reshape(-1, len(COUNTERS)).sum(axis=0)
         for name, value in zip(COUNTERS, counts, strict=True):
             counters[chunk.phase][name] += int(value)
         marks[chunk.phase] = time.perf_counter()
         if chunk.collect:
-            if not host:
-                host["draws"] = _empty(out.draws, keep, kept)
-                host["extra"] = _empty(out.extra, keep, kept)
-            window = (*real, slice(chunk.offset, chunk.offset + chunk.n_draws))
+            window = (*real, slice(0, chunk.n_draws))
             for group in ("draws", "extra"):
                 for name, x in getattr(out, group).items():
-                    chunk_draws = (*real, slice(0, chunk.n_draws))
-                    host[group][name][window] = np.asarray(x)[chunk_draws]
+                    values = to_host(x)[window]
+                    store.write(group, name, len(keep), chunk.offset, values)
+            progress.filled = chunk.offset + chunk.n_draws
+        progress.next_chunk = index + 1
         bar.set_description(chunk.phase)
         bar.set_postfix(divergences=counters["sample"]["divergences"], refresh=False)
         bar.update(chunk.n_draws * chunk.per_draw)
@@ -122,7 +145,8 @@ def drive(
     scalar = lambda v, dtype: replicate(np.asarray(v, dtype=dtype), mesh)  # noqa: E731
     pending = None
     try:
-        for chunk in schedule(config):
+        for index in range(progress.next_chunk, len(chunks)):
+            chunk = chunks[index]
             out = chunk_program(
                 state,
                 scalar(chunk.n_draws, np.int32),
@@ -134,18 +158,27 @@ def drive(
             state = out.state
             if chunk.collect:
                 for x in (*out.draws.values(), *out.extra.values()):
-                    x.copy_to_host_async()
+                    if x.is_fully_addressable:
+                        x.copy_to_host_async()
             if pending is not None:
                 consume(*pending)
-            pending = (chunk, out)
-        consume(*pending)
+            pending = (index, chunk, out)
+            last = index == len(chunks) - 1
+            if checkpoint is not None and ((index + 1) % every == 0 or last):
+                # Sync here: the state must be read before the next chunk
+                # donates its buffers.
+                consume(*pending)
+                pending = None
+                checkpoint(progress, state)
+        if pending is not None:
+            consume(*pending)
     finally:
         bar.close()
     warmup_end = marks["warmup"] if config.num_warmup else t0
     return RunOutput(
         state=state,
-        draws=host["draws"],
-        extra=host["extra"],
+        draws=store.read("draws"),
+        extra=store.read("extra"),
         counters=counters,
         warmup_s=warmup_end - t0,
         sampling_s=marks["sample"] - warmup_end,

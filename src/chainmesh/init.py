@@ -23,7 +23,7 @@ def root_key(seed: int | jax.Array) -> jax.Array:
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return jax.random.PRNGKey(int(seed))
     if isinstance(seed, jax.Array | np.ndarray):
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
             return jax.random.key_data(seed)
         if seed.shape == (2,) and seed.dtype == np.uint32:
             return seed

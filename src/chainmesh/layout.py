@@ -13,22 +13,48 @@ from jax.sharding import PartitionSpec as P
 from chainmesh.mesh import CHAIN, SHARD
 
 
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Put a pytree on the mesh; each process builds only its own shards.
+
+    NumPy leaves go through ``jax.make_array_from_callback`` (so a mesh that
+    spans several processes works); other leaves (Python numbers keep their
+    weak type, JAX arrays) through ``jax.device_put``.
+    """
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, np.ndarray):
+            x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+            return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)
+
+
 def shard_chains(tree: Any, mesh: Mesh) -> Any:
     """Place arrays with a leading chain axis, one block of chains per device.
 
     On a ``(shard, chain)`` mesh the blocks are replicated over the shard rows.
     """
-    return jax.device_put(tree, NamedSharding(mesh, P(CHAIN)))
+    return place(tree, NamedSharding(mesh, P(CHAIN)))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place data (model arguments) whole on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    return place(tree, NamedSharding(mesh, P()))
 
 
 def shard_data(tree: Any, mesh: Mesh) -> Any:
     """Place arrays with a leading data-shard axis, one block per mesh row."""
-    return jax.device_put(tree, NamedSharding(mesh, P(SHARD)))
+    return place(tree, NamedSharding(mesh, P(SHARD)))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as one NumPy array, gathered across processes if needed."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def signature(tree: Any) -> tuple:
@@ -49,3 +75,21 @@ def device_blocks(x: np.ndarray, num_devices: int) -> np.ndarray:
 def flatten_chains(x: np.ndarray) -> np.ndarray:
     """NumPyro's flat layout: ``(chains, draws, ...) -> (chains * draws, ...)``."""
     return rearrange(x, "c d ... -> (c d) ...")
+
+
+def check_finite(args: tuple, kwargs: dict) -> None:
+    """Refuse NaN/inf in floating-point model arguments, naming the argument.
+
+    Raises:
+        ValueError: Some argument holds a non-finite value.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            where = "args" if path[0].idx == 0 else "kwargs"
+            name = where + jax.tree_util.keystr(path[1:])
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(
+                f"model argument {name} holds {bad} NaN/inf value(s); remove or "
+                "impute them (or mask them in the model and pass check_data=False)"
+            )

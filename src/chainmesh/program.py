@@ -276,7 +276,7 @@ class ProgramCache:
         if model is None:
             self._entries.clear()
             return
-        for key in [k for k in self._entries if k[0] is model]:
+        for key in [k for k in self._entries if k[0] == model]:
             del self._entries[key]
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from chainmesh.diagnostics import format_summary, summarize
+from chainmesh.diagnostics import format_summary, lockstep_efficiency, summarize
 from chainmesh.layout import flatten_chains
 from chainmesh.mesh import ChainPlan
 
@@ -77,3 +77,43 @@ class Result:
             print(format_summary(rows))
             print(f"divergences: {int(self.extra['diverging'].sum())}")
         return rows
+
+    def to_arviz(self, **kwargs: Any) -> Any:
+        """An ArviZ ``InferenceData`` (needs ``pip install chainmesh[arviz]``).
+
+        ``posterior`` (chain, draw and plate-named dims), ``sample_stats`` under
+        ArviZ's names, ``observed_data``; keyword arguments
+        (``posterior_predictive``, ``log_likelihood``, ``coords``, ``dims``) go
+        to ``chainmesh.arviz_io.to_arviz``.
+
+        Example:
+            >>> idata = result.to_arviz()
+            >>> idata.sample_stats["lp"].shape == result.extra["energy"].shape
+            True
+        """
+        from chainmesh.arviz_io import to_arviz
+
+        return to_arviz(self, **kwargs)
+
+
+def run_stats(out: Any, compile_s: float, compilations: int, init_s: float) -> dict:
+    """The ``Result.stats`` dict of a run (``out`` is the driver's output)."""
+    sample, warm = out.counters["sample"], out.counters["warmup"]
+    return {
+        "compile_s": compile_s,
+        "compilations": compilations,
+        "init_s": init_s,
+        "warmup_s": out.warmup_s,
+        "sampling_s": out.sampling_s,
+        "leapfrog_steps": sample["leapfrog_steps"],
+        "lockstep_steps": sample["lockstep_steps"],
+        "lockstep_efficiency": lockstep_efficiency(
+            sample["leapfrog_steps"], sample["lockstep_steps"]
+        ),
+        "lockstep_efficiency_warmup": lockstep_efficiency(
+            warm["leapfrog_steps"], warm["lockstep_steps"]
+        ),
+        "leapfrog_steps_warmup": warm["leapfrog_steps"],
+        "divergences": sample["divergences"],
+        "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
+    }

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from numpyro.infer.hmc import HMCState
 
-from chainmesh import layout
+from chainmesh import checkpoint, layout
 from chainmesh.config import SamplerConfig, resolve_init_strategy
-from chainmesh.diagnostics import lockstep_efficiency
-from chainmesh.driver import drive
+from chainmesh.driver import Progress, allocate, drive
 from chainmesh.init import layout_init_params, root_key
 from chainmesh.kernel import build_nuts
 from chainmesh.mesh import (
@@ -26,7 +27,8 @@ from chainmesh.mesh import (
 )
 from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
 from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
-from chainmesh.result import Result
+from chainmesh.result import Result, run_stats
+from chainmesh.store import FileStore, MemoryStore
 
 
 class Sampler:
@@ -63,6 +65,13 @@ class Sampler:
             ``"map"`` (``lax.map``: chains one after another, no lockstep,
             smaller compile).
         progress_bar: One tqdm bar for the whole run, updated per chunk.
+        checkpoint_dir: Write an atomic checkpoint there every
+            ``checkpoint_every`` chunks; ``run(..., resume=True)`` continues
+            from it with bitwise-identical draws.
+        checkpoint_every: Chunks between checkpoints.
+        store: Stream kept draws into ``.npy`` files in this directory (host
+            memory stays flat); ``Result`` arrays are then read-only memmaps.
+        check_data: Raise on NaN/inf in floating-point model arguments.
 
     Raises:
         ValueError, TypeError: Any bad argument, before anything compiles.
@@ -84,6 +93,10 @@ class Sampler:
         chunk_size: int | None = None,
         inner: str = "vmap",
         progress_bar: bool = True,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 10,
+        store: str | None = None,
+        check_data: bool = True,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable, got {type(model).__name__}")
@@ -100,7 +113,13 @@ class Sampler:
             chunk_size=chunk_size,
             inner=inner,
             progress_bar=progress_bar,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            store=store,
+            check_data=check_data,
         )
+        if checkpoint_dir is not None:
+            checkpoint.check_writable(checkpoint_dir, 0)
         self.shards: ShardPlan | None = None
         self.info: ModelInfo | None = None  # the model's sites, after a run
         self.plan = plan_chains(num_chains, resolve_devices(devices))
@@ -141,6 +160,7 @@ class Sampler:
         seed: int | jax.Array = 0,
         *args: Any,
         init_params: Mapping[str, Any] | None = None,
+        resume: bool = False,
         **kwargs: Any,
     ) -> Result:
         """Sample the model given data ``*args, **kwargs``.
@@ -151,6 +171,8 @@ class Sampler:
             *args: Positional model arguments (arrays or numbers).
             init_params: Constrained initial values, site name -> value shaped
                 like the site (all chains) or ``(num_chains, *site_shape)``.
+            resume: Continue from the checkpoint in ``checkpoint_dir`` (if there
+                is one) instead of starting over.
             **kwargs: Keyword model arguments.
 
         Returns:
@@ -158,7 +180,7 @@ class Sampler:
         """
         if self.shards is not None:
             raise TypeError("this sampler runs data shards: use chainmesh.cmc.sample")
-        out, extra, stats = self._sample(seed, args, kwargs, init_params)
+        out, extra, stats = self._sample(seed, args, kwargs, init_params, resume)
         return Result(
             out.draws,
             extra,
@@ -170,7 +192,9 @@ class Sampler:
             model_kwargs=kwargs,
         )
 
-    def _sample(self, seed: Any, args: tuple, kwargs: dict, init_params: Any):
+    def _sample(
+        self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume=False
+    ):
         programs, data, state, timing = self._init(seed, args, kwargs, init_params)
         config, mesh = self.config, self.mesh
         compile_s, compilations, init_s = timing
@@ -189,36 +213,86 @@ class Sampler:
                 (state, *scalars, *data),
                 sharded=self.shards is not None,
             )
-            compile_s, compilations = (
-                compile_s + time.perf_counter() - t0,
-                compilations + 1,
-            )
+            compile_s += time.perf_counter() - t0
+            compilations += 1
         keep = (config.num_chains,)
         if self.shards is not None:
             keep = (self.shards.num_shards, *keep)
-        out = drive(programs.chunk, state, *data, config, mesh, keep)
+        kept = config.num_samples // config.thinning
+        store = FileStore(config.store, resume) if config.store else MemoryStore()
+        allocate(store, programs.chunk, keep, kept)
+        progress, save = None, None
+        if config.checkpoint_dir is not None:
+            progress, state, save = self._checkpointing(
+                state, store, len(keep), (args, kwargs), seed, init_params, resume
+            )
+        try:
+            out = drive(
+                programs.chunk,
+                state,
+                *data,
+                config,
+                mesh,
+                keep,
+                store,
+                progress,
+                save,
+                config.checkpoint_every,
+            )
+        finally:
+            if isinstance(store, FileStore):
+                store.close()
+        stats = run_stats(out, compile_s, compilations, init_s)
         extra = dict(out.extra)
         extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
-        sample, warm = out.counters["sample"], out.counters["warmup"]
-        stats = {
-            "compile_s": compile_s,
-            "compilations": compilations,
-            "init_s": init_s,
-            "warmup_s": out.warmup_s,
-            "sampling_s": out.sampling_s,
-            "leapfrog_steps": sample["leapfrog_steps"],
-            "lockstep_steps": sample["lockstep_steps"],
-            "lockstep_efficiency": lockstep_efficiency(
-                sample["leapfrog_steps"], sample["lockstep_steps"]
-            ),
-            "lockstep_efficiency_warmup": lockstep_efficiency(
-                warm["leapfrog_steps"], warm["lockstep_steps"]
-            ),
-            "leapfrog_steps_warmup": warm["leapfrog_steps"],
-            "divergences": int(extra["diverging"].sum()),
-            "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
-        }
+        stats["divergences"] = int(np.sum(extra["diverging"]))  # real chains only
         return out, extra, stats
+
+    def _checkpointing(self, state, store, lead, host_data, seed, init_params, resume):
+        """Resume from a checkpoint (if asked and present); the save callback."""
+        directory = Path(self.config.checkpoint_dir)
+        key = root_key(seed)
+        manifest = checkpoint.manifest(
+            self.model, self.config, self.plan, key, host_data, init_params
+        )
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+        draw_bytes = 0
+        if isinstance(store, MemoryStore):
+            draw_bytes = sum(
+                x.nbytes for g in ("draws", "extra") for x in store.read(g).values()
+            )
+        checkpoint.check_writable(directory, state_bytes + draw_bytes)
+        progress = None
+        saved = checkpoint.load(directory) if resume else None
+        if saved is not None:
+            checkpoint.check_compatible(saved.manifest, manifest)
+            state = checkpoint.restore_state(state, saved.state)
+            progress = Progress(**saved.progress)
+            for group in ("draws", "extra"):
+                for name, values in getattr(saved, group).items():
+                    store.write(group, name, lead, 0, values)
+
+        def save(progress: Progress, state: Any) -> None:
+            leaves = [layout.to_host(x) for x in jax.tree.leaves(state)]
+            draws: dict[str, dict[str, np.ndarray]] = {"draws": {}, "extra": {}}
+            if isinstance(store, MemoryStore):
+                for group in draws:
+                    for name, x in store.read(group).items():
+                        filled = (slice(None),) * lead + (slice(0, progress.filled),)
+                        draws[group][name] = x[filled]
+            else:
+                store.flush()
+            if jax.process_index() == 0:
+                checkpoint.save(
+                    directory,
+                    manifest,
+                    dataclasses.asdict(progress),
+                    leaves,
+                    draws["draws"],
+                    draws["extra"],
+                )
+
+        return progress, state, save
 
     def init(
         self,
@@ -241,6 +315,8 @@ class Sampler:
                 "init_strategy='init_to_value' needs init_params (site name -> "
                 "value); pass them, or choose another init_strategy"
             )
+        if config.check_data:
+            layout.check_finite(args, kwargs)
         place = layout.replicate if self.shards is None else layout.shard_data
         try:
             data = place((args, kwargs), mesh)
