@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from chainmesh import bench
+
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,6 +21,11 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inner", choices=("vmap", "map"), default="vmap")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write trace_rank.png and ess_per_second.png into DIR (needs matplotlib)",
+    )
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -71,17 +78,35 @@ def demo(args: argparse.Namespace) -> int:
         f"{s['gradients_per_s']:.3g}   lockstep efficiency: "
         f"{s['lockstep_efficiency']:.2f} (warmup {s['lockstep_efficiency_warmup']:.2f})"
     )
+    if args.plot:
+        from chainmesh.plots import save_plots
+
+        for path in save_plots(result, args.plot):
+            print(f"wrote {path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chainmesh`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from chainmesh import distributed
+
+        return distributed.main(argv[1:])
     parser = argparse.ArgumentParser(prog="chainmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    bench.add_parser(sub)
+    sub.add_parser(
+        "launch",
+        help="run a command as P local processes joined by jax.distributed: "
+        "launch --processes P --devices-per-process D -- python script.py",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "bench":
+        return bench.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

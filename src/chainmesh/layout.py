@@ -22,6 +22,8 @@ def place(tree: Any, sharding: NamedSharding) -> Any:
     """
 
     def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and jax.process_count() > 1:
+            x = np.asarray(x)  # a process-local array: rebuild it globally
         if isinstance(x, np.ndarray):
             x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
             return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])

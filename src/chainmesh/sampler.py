@@ -364,7 +364,7 @@ class Sampler:
             compile_s, compilations = time.perf_counter() - t0, 1
         t0 = time.perf_counter()
         state, valid = programs.inits[values_key](*init_args)
-        self._check_init(state, np.asarray(valid), data)
+        self._check_init(state, layout.to_host(valid), data)
         return (
             programs,
             data,
@@ -387,9 +387,9 @@ class Sampler:
         if bad.size == 0:
             return
         first = tuple(int(i) for i in bad[0])
-        z = {k: np.asarray(v)[first] for k, v in state.z.items()}
+        z = {k: layout.to_host(v)[first] for k, v in state.z.items()}
         if self.shards is not None:
-            data = jax.tree.map(lambda x: np.asarray(x)[first[0]], data)
+            data = jax.tree.map(lambda x: layout.to_host(x)[first[0]], data)
             where_chain = f"(shard, chain) {[tuple(map(int, b)) for b in bad]}"
         else:
             where_chain = f"chains {bad[:, 0].tolist()}"

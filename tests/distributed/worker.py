@@ -1,0 +1,36 @@
+"""One process of a multi-process run (started by ``chainmesh launch``).
+
+Usage: worker.py OUT.npz [fail]
+Samples 8 chains over every device of every process; process 0 writes the
+draws. With ``fail``, process 1 dies (os._exit(3)) right after joining.
+"""
+
+import os
+import sys
+
+import chainmesh as cm
+from chainmesh import distributed
+
+distributed.initialize()
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from models import linreg, linreg_data  # noqa: E402
+
+from chainmesh.mesh import plan_chains  # noqa: E402
+
+if sys.argv[2:] == ["fail"] and jax.process_index() == 1:
+    os._exit(3)  # die abruptly, like a crash
+X, y = linreg_data()
+config = {"num_chains": 8, "num_warmup": 100, "num_samples": 100}
+result = cm.Sampler(linreg, progress_bar=False, **config).run(0, X, y)
+plan = plan_chains(8, jax.devices())
+assert result.plan.num_devices == plan.num_devices == len(jax.devices())
+if distributed.is_main_process():
+    np.savez(
+        sys.argv[1],
+        processes=jax.process_count(),
+        devices=len(jax.devices()),
+        **{f"samples.{k}": v for k, v in result.samples.items()},
+        **{f"extra.{k}": v for k, v in result.extra.items()},
+    )
