@@ -1,0 +1,328 @@
+"""``chainmesh bench``: chainmesh against NumPyro over a sweep of host devices.
+
+Every (devices, chains, method) measurement runs in its own Python process
+(``chainmesh.bench_worker``) whose ``XLA_FLAGS`` this module sets before the
+process starts, so the device count is real and each method's compilations
+and peak RSS are its own. Results go to ``results.json``; ``results.md`` and
+``scaling.png`` are made from it by ``chainmesh.bench_report``.
+
+Example:
+    chainmesh bench --model logistic --devices 1,2 --chains 8 --single-thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from chainmesh.bench_models import BENCH_MODELS
+from chainmesh.bench_worker import RESULT_PREFIX
+
+METHODS = (
+    "chainmesh",
+    "chainmesh_map",
+    "chainmesh_1pd",
+    "numpyro_vectorized",
+    "numpyro_parallel",
+    "numpyro_sequential",
+    "device_loop",
+)
+"""Methods in table order (``raw_gradient`` is measured for every setting)."""
+
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+SINGLE_THREAD_FLAGS = (
+    "--xla_cpu_multi_thread_eigen=false",
+    "intra_op_parallelism_threads=1",
+)
+"""One core per device: without them XLA's CPU device uses every core."""
+
+POSITIVE_METRICS = (
+    "cold_wall_s",
+    "compile_s",
+    "compilations_cold",
+    "warm_wall_s",
+    "sampling_s",
+    "sampling_useful",
+    "gradients_per_s",
+    "leapfrog_useful",
+    "leapfrog_executed",
+    "lockstep_efficiency",
+    "min_ess_bulk",
+    "ess_per_s",
+    "max_r_hat",
+    "peak_rss_mb",
+)
+"""Metrics every successful method run reports, all > 0."""
+
+COUNT_METRICS = ("compilations_warm", "divergences")
+"""Metrics every successful method run reports, all >= 0."""
+
+
+def not_applicable(method: str, devices: int, chains: int) -> str | None:
+    """Why ``method`` does not run for this setting, or None if it does."""
+    if method in ("chainmesh_1pd", "numpyro_parallel") and chains > devices:
+        return f"one chain per device needs chains <= devices ({chains} > {devices})"
+    return None
+
+
+def worker_env(devices: int, single_thread: bool) -> dict[str, str]:
+    """The environment of a worker: ``XLA_FLAGS`` with ``devices`` CPU devices."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith(DEVICE_FLAG) and f not in SINGLE_THREAD_FLAGS
+    ]
+    flags.append(f"{DEVICE_FLAG}={devices}")
+    if single_thread:
+        flags.extend(SINGLE_THREAD_FLAGS)
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_worker(job: dict, env: dict[str, str], timeout: float) -> dict:
+    """Run one job in a fresh process; return its status and metrics."""
+    cmd = [sys.executable, "-m", "chainmesh.bench_worker", "--json-args"]
+    try:
+        proc = subprocess.run(
+            [*cmd, json.dumps(job)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {
+        "status": "error",
+        "reason": f"worker exited with {proc.returncode}: {' | '.join(tail)}",
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else "unknown"
+
+
+def environment() -> dict:
+    """Versions, CPU and the flags the results depend on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": cores or os.cpu_count(),
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "numpyro": _version("numpyro"),
+        "chainmesh": _version("chainmesh"),
+        "dtype": "float64" if os.environ.get("JAX_ENABLE_X64") else "float32",
+        "xla_flags_inherited": os.environ.get("XLA_FLAGS", ""),
+        "load_average_start": list(os.getloadavg()),
+    }
+
+
+def _progress(i: int, n: int, label: str, out: dict, seconds: float) -> str:
+    head = f"[{i:>2}/{n}] {label:<48}"
+    if out["status"] != "ok":
+        return f"{head} {out['status']}: {out.get('reason', '')}"
+    m = out["metrics"]
+    if "raw_gradients_per_s" in m:
+        return (
+            f"{head} raw gradients/s {m['raw_gradients_per_s']:.3g}  ({seconds:.0f} s)"
+        )
+    return (
+        f"{head} cold {m['cold_wall_s']:6.1f} s  warm {m['warm_wall_s']:6.2f} s  "
+        f"grad/s {m['gradients_per_s']:.3g}  min ESS/s {m['ess_per_s'] or 0:.3g}  "
+        f"({seconds:.0f} s)"
+    )
+
+
+def command_line(options: argparse.Namespace) -> str:
+    """The full ``chainmesh bench`` command that reproduces ``options``."""
+    words = [
+        "chainmesh bench",
+        f"--model {options.model}",
+        f"--devices {','.join(map(str, options.devices))}",
+        f"--chains {','.join(map(str, options.chains))}",
+        f"--warmup {options.warmup} --samples {options.samples}",
+        f"--repeats {options.repeats}",
+    ]
+    if options.single_thread:
+        words.append("--single-thread")
+    if list(options.methods) != list(METHODS):
+        words.append(f"--methods {','.join(options.methods)}")
+    if options.seed:
+        words.append(f"--seed {options.seed}")
+    return " ".join([*words, f"--out {options.out}"])
+
+
+def run_benchmark(options: argparse.Namespace) -> dict:
+    """Run every (devices, chains, method) job in turn; return all results."""
+    methods = options.methods
+    settings = [(d, c) for d in options.devices for c in options.chains]
+    jobs = [(d, c, "raw_gradient") for d, c in settings]
+    jobs += [(d, c, m) for d, c in settings for m in methods]
+    results = {
+        "schema_version": 1,
+        "command": command_line(options),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config": {
+            k: getattr(options, k)
+            for k in ("model", "devices", "chains", "warmup", "samples", "repeats")
+        }
+        | {"single_thread": options.single_thread, "seed": options.seed},
+        "environment": environment(),
+        "raw_gradient": [],
+        "runs": [],
+    }
+    results["config"]["methods"] = list(methods)
+    for i, (devices, chains, method) in enumerate(jobs, start=1):
+        env = worker_env(devices, options.single_thread)
+        record = {"devices": devices, "chains": chains, "method": method}
+        reason = not_applicable(method, devices, chains)
+        t0 = time.perf_counter()
+        if reason:
+            out = {"status": "n/a", "reason": reason}
+        else:
+            job = record | {
+                "model": options.model,
+                "warmup": options.warmup,
+                "samples": options.samples,
+                "repeats": options.repeats,
+                "seed": options.seed,
+            }
+            out = run_worker(job, env, options.timeout)
+        seconds = time.perf_counter() - t0
+        record |= out | {"xla_flags": env["XLA_FLAGS"], "process_s": seconds}
+        key = "raw_gradient" if method == "raw_gradient" else "runs"
+        results[key].append(record)
+        label = f"devices={devices} chains={chains} {method}"
+        print(_progress(i, len(jobs), label, out, seconds), flush=True)
+    results["environment"]["load_average_end"] = list(os.getloadavg())
+    return results
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers like 1,2,4: {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
+
+
+def _methods(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}"
+        )
+    return [m for m in METHODS if m in names]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``chainmesh`` command's subparsers."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmark chainmesh against NumPyro over host device counts",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", choices=sorted(BENCH_MODELS), default="logistic")
+    p.add_argument(
+        "--devices",
+        type=_int_list,
+        default=[1, 2, 4, 8],
+        help="host CPU device counts to sweep (1,2,4,8)",
+    )
+    p.add_argument(
+        "--chains", type=_int_list, default=[8, 64], help="chain counts to sweep (8,64)"
+    )
+    p.add_argument("--warmup", type=int, default=300, help="warmup per chain (300)")
+    p.add_argument("--samples", type=int, default=500, help="draws per chain (500)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="warm calls per method, median reported (1)",
+    )
+    p.add_argument(
+        "--single-thread",
+        action="store_true",
+        help="one core per device (XLA CPU threading off)",
+    )
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds allowed per measurement process (1800)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="output folder (bench-results)",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; write the three files."""
+    from chainmesh.bench_report import write_report
+
+    for name in ("warmup", "samples", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"chainmesh bench: --{name} must be >= 1")
+    results = run_benchmark(args)
+    for path in write_report(results, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``chainmesh bench ...`` without the ``chainmesh`` prefix (for scripts)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="chainmesh")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(["bench", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
