@@ -1,5 +1,6 @@
 """Checkpoint, resume after SIGKILL, and streaming draws to disk."""
 
+import json
 import os
 import signal
 import subprocess
@@ -117,3 +118,23 @@ def test_store_streams_draws_to_npy(tmp_path, uninterrupted):
     on_disk = np.load(tmp_path / "draws" / "beta.npy", allow_pickle=False)
     np.testing.assert_array_equal(on_disk, uninterrupted.samples["beta"])
     assert os.path.getsize(tmp_path / "extra" / "diverging.npy") > 4 * 60
+
+
+@pytest.mark.slow
+def test_streaming_keeps_host_memory_flat(tmp_path):
+    """Peak RSS with store= stays below the in-memory run by most of the draws."""
+    script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
+    peaks = {}
+    for mode in ("in-memory", "streamed"):
+        out = subprocess.run(
+            [sys.executable, str(script), "--chains", "64", "--draws", "5000"]
+            + ["--child", mode, str(tmp_path / mode)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    draws_mb = peaks["streamed"]["draws_mb"]
+    assert draws_mb > 120
+    saved = peaks["in-memory"]["peak_rss_mb"] - peaks["streamed"]["peak_rss_mb"]
+    assert saved > 0.6 * draws_mb
