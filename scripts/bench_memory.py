@@ -16,8 +16,22 @@ import sys
 import tempfile
 
 
-def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None:
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    exec, so a child of a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None:
     import time
 
     import chainmesh as cm
@@ -47,7 +61,7 @@ def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None
     )
     # Touch a few draws so the lazily read result is used, not only allocated.
     check = float(np.asarray(x[:, -5:]).mean())
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = _peak_rss_mb()
     print(
         json.dumps(
             {
