@@ -88,7 +88,8 @@ def plot_trace_rank(
     columns = scalar_draws(result, var_names, max_params)
     num_chains = result.num_chains
     colors = _chain_colors(num_chains)
-    fig = _figure(figsize=(11, 2.2 * len(columns) + 0.6), layout="constrained")
+    row_height = max(2.2, 0.17 * num_chains)  # room for one rank row per chain
+    fig = _figure(figsize=(11, row_height * len(columns) + 0.6), layout="constrained")
     axes = fig.subplots(len(columns), 2, squeeze=False, width_ratios=(3, 1.4))
     for (label, x), (trace_ax, rank_ax) in zip(columns, axes, strict=True):
         for c in range(num_chains):

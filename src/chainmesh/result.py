@@ -49,19 +49,20 @@ class Result:
         """Draws kept per chain."""
         return next(iter(self.extra.values())).shape[1]
 
-    def get_samples(self, group_by_chain: bool = True) -> dict[str, np.ndarray]:
-        """Draws by site, like NumPyro's ``MCMC.get_samples``.
+    def get_samples(self, group_by_chain: bool = False) -> dict[str, np.ndarray]:
+        """Draws by site, exactly like NumPyro's ``MCMC.get_samples``.
 
         Args:
             group_by_chain: Keep the chain axis (``(chains, draws, ...)``), or
-                flatten chain-major to ``(chains * draws, ...)``.
+                (default, NumPyro's layout) flatten chain-major to
+                ``(chains * draws, ...)``, which ``Predictive`` takes as is.
         """
         if group_by_chain:
             return dict(self.samples)
         return {k: flatten_chains(v) for k, v in self.samples.items()}
 
-    def get_extra_fields(self, group_by_chain: bool = True) -> dict[str, np.ndarray]:
-        """Extra fields by name, with or without the chain axis."""
+    def get_extra_fields(self, group_by_chain: bool = False) -> dict[str, np.ndarray]:
+        """Extra fields by name, flat like NumPyro's (or with the chain axis)."""
         if group_by_chain:
             return dict(self.extra)
         return {k: flatten_chains(v) for k, v in self.extra.items()}
