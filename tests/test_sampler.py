@@ -177,3 +177,10 @@ def test_float64():
             b.std() / np.sqrt(cm.diagnostics.ess_bulk(b)),
         )
         assert abs(a.mean() - b.mean()) <= 4 * se
+
+
+def test_cache_key_names_the_platform():
+    """cuda:0 and cpu:0 share id 0; the key must tell them apart."""
+    sampler = cm.Sampler(normal_mean, num_chains=2, devices=2, **FAST)
+    _, _, _, mesh, _, _ = sampler._cache_key(())
+    assert mesh[2] == (("cpu", 0), ("cpu", 1))

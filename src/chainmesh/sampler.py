@@ -149,7 +149,7 @@ class Sampler:
             c.chunk,
             c.inner,
         )
-        devices = tuple(d.id for d in self.mesh.devices.flat)
+        devices = tuple((d.platform, d.id) for d in self.mesh.devices.flat)
         mesh = (self.mesh.axis_names, self.mesh.devices.shape, devices)
         chains = (self.plan.total_chains, self.plan.chains_per_device)
         x64 = bool(jax.config.jax_enable_x64)
