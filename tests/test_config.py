@@ -88,3 +88,10 @@ def test_nonfinite_init_names_sites():
     bad = {"sigma": np.array([1.0, -1.0])}  # chain 1 outside sigma's support
     with pytest.raises(ValueError, match=r"chains \[1\].*sites \['sigma', 'y'\]"):
         sampler.run(0, X, y, init_params=bad)
+
+
+def test_partial_init_to_value_warns():
+    X, y = linreg_data()
+    sampler = cm.Sampler(linreg, init_strategy="init_to_value", devices=2, **SMALL)
+    with pytest.warns(UserWarning, match=r"no value for sites \['beta'\]"):
+        sampler.init(0, X, y, init_params={"sigma": 1.0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,15 @@ class Sampler:
         values = layout_init_params(
             init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
         )
+        missing = sorted(set(programs.info.latent) - set(values))
+        if config.init_strategy == "init_to_value" and missing:
+            warnings.warn(
+                f"init_params gives no value for sites {missing}; they start from "
+                "init_to_uniform (NumPyro's init_to_value fallback). Pass values "
+                "for them, or pick init_strategy='init_to_median' to fill them in",
+                UserWarning,
+                stacklevel=3,
+            )
         key = root_key(seed)
         chains = np.arange(plan.total_chains, dtype=np.int32)
         init_args = (
