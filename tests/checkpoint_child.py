@@ -17,7 +17,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from models import RESUME_CONFIG, linreg, linreg_data  # noqa: E402
 
 directory, stop_at, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-original_save, original_write = checkpoint.save, checkpoint._atomic_write
+original_save = checkpoint.save_checkpoint
 
 
 def _hang() -> None:
@@ -25,7 +25,7 @@ def _hang() -> None:
     time.sleep(600)
 
 
-def save(directory, manifest, progress, *args):
+def save(directory, manifest, progress, *args, **kwargs):
     if when == "during" and progress["next_chunk"] == stop_at:
 
         def half_write(path, write):
@@ -35,12 +35,12 @@ def save(directory, manifest, progress, *args):
             _hang()
 
         checkpoint._atomic_write = half_write
-    original_save(directory, manifest, progress, *args)
+    original_save(directory, manifest, progress, *args, **kwargs)
     if when == "after" and progress["next_chunk"] == stop_at:
         _hang()
 
 
-checkpoint.save = save
+checkpoint.save_checkpoint = save
 X, y = linreg_data()
 sampler = cm.Sampler(linreg, checkpoint_dir=directory, **RESUME_CONFIG)
 sampler.run(0, X, y)

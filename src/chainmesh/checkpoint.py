@@ -8,6 +8,7 @@ beside it repeats the manifest for people.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ def check_writable(directory: str | os.PathLike, needed_bytes: int) -> Path:
     return path
 
 
-def save(
+def save_checkpoint(
     directory: Path,
     manifest: dict[str, Any],
     progress: dict[str, Any],
@@ -185,3 +186,63 @@ def manifest(
         "data": data_digest(data),
         "init_params": data_digest(init_params or {}),
     }
+
+
+def attach(
+    directory: str | os.PathLike,
+    manifest: dict[str, Any],
+    state: Any,
+    store: Any,
+    lead: int,
+    resume: bool,
+) -> tuple[Any, Any, Any]:
+    """Prepare a run for checkpointing, resuming it first if asked.
+
+    Args:
+        directory: The checkpoint directory.
+        manifest: This run's manifest (``manifest(...)``).
+        state: The fresh initial state (a template for a resumed one).
+        store: Where draws go; a ``MemoryStore``'s draws go into checkpoints.
+        lead: Leading axes before the draw axis (1, or 2 with data shards).
+        resume: Continue from the checkpoint in ``directory``, if any.
+
+    Returns:
+        ``(progress, state, save)``: where the driver starts (None: at the
+        beginning), the state to start from, and the driver's save callback.
+    """
+    from chainmesh.driver import Progress
+    from chainmesh.layout import to_host
+    from chainmesh.store import MemoryStore
+
+    directory = Path(directory)
+    in_memory = isinstance(store, MemoryStore)
+    needed = sum(x.nbytes for x in jax.tree.leaves(state))
+    if in_memory:
+        groups = ("draws", "extra")
+        needed += sum(x.nbytes for g in groups for x in store.read(g).values())
+    check_writable(directory, needed)
+    progress = None
+    saved = load(directory) if resume else None
+    if saved is not None:
+        check_compatible(saved.manifest, manifest)
+        state = restore_state(state, saved.state)
+        progress = Progress(**saved.progress)
+        for group in ("draws", "extra"):
+            for name, values in getattr(saved, group).items():
+                store.write(group, name, lead, 0, values)
+
+    def save(progress: Progress, state: Any) -> None:
+        leaves = [to_host(x) for x in jax.tree.leaves(state)]
+        kept: dict[str, dict[str, np.ndarray]] = {"draws": {}, "extra": {}}
+        if in_memory:
+            filled = (slice(None),) * lead + (slice(0, progress.filled),)
+            for group in kept:
+                for name, x in store.read(group).items():
+                    kept[group][name] = x[filled]
+        else:
+            store.flush()
+        if jax.process_index() == 0:
+            progress_dict = dataclasses.asdict(progress)
+            save_checkpoint(directory, manifest, progress_dict, leaves, **kept)
+
+    return progress, state, save

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,7 +13,7 @@ from numpyro.infer.hmc import HMCState
 
 from chainmesh import checkpoint, layout
 from chainmesh.config import SamplerConfig, resolve_init_strategy
-from chainmesh.driver import Progress, allocate, drive
+from chainmesh.driver import allocate, drive
 from chainmesh.init import layout_init_params, root_key
 from chainmesh.kernel import build_nuts
 from chainmesh.mesh import (
@@ -224,8 +222,16 @@ class Sampler:
         allocate(store, programs.chunk, keep, kept)
         progress, save = None, None
         if config.checkpoint_dir is not None:
-            progress, state, save = self._checkpointing(
-                state, store, len(keep), (args, kwargs), seed, init_params, resume
+            manifest = checkpoint.manifest(
+                self.model,
+                config,
+                self.plan,
+                root_key(seed),
+                (args, kwargs),
+                init_params,
+            )
+            progress, state, save = checkpoint.attach(
+                config.checkpoint_dir, manifest, state, store, len(keep), resume
             )
         try:
             out = drive(
@@ -248,52 +254,6 @@ class Sampler:
         extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
         stats["divergences"] = int(np.sum(extra["diverging"]))  # real chains only
         return out, extra, stats
-
-    def _checkpointing(self, state, store, lead, host_data, seed, init_params, resume):
-        """Resume from a checkpoint (if asked and present); the save callback."""
-        directory = Path(self.config.checkpoint_dir)
-        key = root_key(seed)
-        manifest = checkpoint.manifest(
-            self.model, self.config, self.plan, key, host_data, init_params
-        )
-        state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-        draw_bytes = 0
-        if isinstance(store, MemoryStore):
-            draw_bytes = sum(
-                x.nbytes for g in ("draws", "extra") for x in store.read(g).values()
-            )
-        checkpoint.check_writable(directory, state_bytes + draw_bytes)
-        progress = None
-        saved = checkpoint.load(directory) if resume else None
-        if saved is not None:
-            checkpoint.check_compatible(saved.manifest, manifest)
-            state = checkpoint.restore_state(state, saved.state)
-            progress = Progress(**saved.progress)
-            for group in ("draws", "extra"):
-                for name, values in getattr(saved, group).items():
-                    store.write(group, name, lead, 0, values)
-
-        def save(progress: Progress, state: Any) -> None:
-            leaves = [layout.to_host(x) for x in jax.tree.leaves(state)]
-            draws: dict[str, dict[str, np.ndarray]] = {"draws": {}, "extra": {}}
-            if isinstance(store, MemoryStore):
-                for group in draws:
-                    for name, x in store.read(group).items():
-                        filled = (slice(None),) * lead + (slice(0, progress.filled),)
-                        draws[group][name] = x[filled]
-            else:
-                store.flush()
-            if jax.process_index() == 0:
-                checkpoint.save(
-                    directory,
-                    manifest,
-                    dataclasses.asdict(progress),
-                    leaves,
-                    draws["draws"],
-                    draws["extra"],
-                )
-
-        return progress, state, save
 
     def init(
         self,
