@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
 from chainmesh.bench_models import BENCH_MODELS
 from chainmesh.bench_worker import RESULT_PREFIX
 
@@ -148,19 +150,18 @@ def environment() -> dict:
     }
 
 
-def _progress(i: int, n: int, label: str, out: dict, seconds: float) -> str:
-    head = f"[{i:>2}/{n}] {label:<48}"
+def _progress(i: int, n: int, label: str, out: dict) -> str:
+    head = f"[{i:>2}/{n}] {label:<62}"
+    tail = f"({out['process_s']:.0f} s, load {out['load_average_before']:.1f})"
     if out["status"] != "ok":
-        return f"{head} {out['status']}: {out.get('reason', '')}"
+        return f"{head} {out['status']}: {out.get('reason', '')} {tail}"
     m = out["metrics"]
     if "raw_gradients_per_s" in m:
-        return (
-            f"{head} raw gradients/s {m['raw_gradients_per_s']:.3g}  ({seconds:.0f} s)"
-        )
+        return f"{head} raw gradients/s {m['raw_gradients_per_s']:.3g}  {tail}"
     return (
-        f"{head} cold {m['cold_wall_s']:6.1f} s  warm {m['warm_wall_s']:6.2f} s  "
+        f"{head} cold {m['cold_wall_s']:5.1f} s  warm {m['warm_wall_s']:5.2f} s  "
         f"grad/s {m['gradients_per_s']:.3g}  min ESS/s {m['ess_per_s'] or 0:.3g}  "
-        f"({seconds:.0f} s)"
+        f"{tail}"
     )
 
 
@@ -183,48 +184,82 @@ def command_line(options: argparse.Namespace) -> str:
     return " ".join([*words, f"--out {options.out}"])
 
 
+def combine(rounds: list[dict]) -> dict:
+    """One record from the rounds of a measurement: medians of every number.
+
+    ``compilations_warm`` keeps its maximum (a single recompilation shows);
+    text fields come from the first round; any failed round fails the record.
+    """
+    failed = [r for r in rounds if r["status"] != "ok"]
+    if failed:
+        return {"status": failed[0]["status"], "reason": failed[0].get("reason", "")}
+    first = rounds[0]["metrics"]
+    metrics = {}
+    for key, value in first.items():
+        values = [r["metrics"][key] for r in rounds]
+        numbers = all(isinstance(v, int | float) for v in values)
+        metrics[key] = float(np.median(values)) if numbers else value
+    if "compilations_warm" in first:
+        metrics["compilations_warm"] = max(
+            r["metrics"]["compilations_warm"] for r in rounds
+        )
+    return {"status": "ok", "metrics": metrics}
+
+
 def run_benchmark(options: argparse.Namespace) -> dict:
-    """Run every (devices, chains, method) job in turn; return all results."""
-    methods = options.methods
+    """Run every (devices, chains, method) measurement ``repeats`` times.
+
+    Rounds go round-robin (every measurement once, then again), so a burst of
+    other work on the machine spreads over methods instead of hitting one.
+    """
     settings = [(d, c) for d in options.devices for c in options.chains]
     jobs = [(d, c, "raw_gradient") for d, c in settings]
-    jobs += [(d, c, m) for d, c in settings for m in methods]
+    jobs += [(d, c, m) for d, c in settings for m in options.methods]
+    runnable = [j for j in jobs if not not_applicable(j[2], j[0], j[1])]
     results = {
         "schema_version": 1,
         "command": command_line(options),
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
         "config": {
             k: getattr(options, k)
             for k in ("model", "devices", "chains", "warmup", "samples", "repeats")
         }
-        | {"single_thread": options.single_thread, "seed": options.seed},
+        | {"single_thread": options.single_thread, "seed": options.seed}
+        | {"methods": list(options.methods)},
         "environment": environment(),
         "raw_gradient": [],
         "runs": [],
     }
-    results["config"]["methods"] = list(methods)
-    for i, (devices, chains, method) in enumerate(jobs, start=1):
-        env = worker_env(devices, options.single_thread)
+    rounds: dict[tuple, list[dict]] = {job: [] for job in runnable}
+    total, i = len(runnable) * options.repeats, 0
+    for r in range(1, options.repeats + 1):
+        for devices, chains, method in runnable:
+            env = worker_env(devices, options.single_thread)
+            job = {"devices": devices, "chains": chains, "method": method}
+            job |= {k: getattr(options, k) for k in ("model", "warmup", "samples")}
+            job["seed"] = options.seed
+            load, t0 = os.getloadavg()[0], time.perf_counter()
+            out = run_worker(job, env, options.timeout)
+            out |= {"process_s": time.perf_counter() - t0, "load_average_before": load}
+            rounds[devices, chains, method].append(out)
+            i += 1
+            label = f"round {r}/{options.repeats} devices={devices} chains={chains}"
+            print(_progress(i, total, f"{label} {method}", out), flush=True)
+    for devices, chains, method in jobs:
         record = {"devices": devices, "chains": chains, "method": method}
         reason = not_applicable(method, devices, chains)
-        t0 = time.perf_counter()
         if reason:
-            out = {"status": "n/a", "reason": reason}
+            record |= {"status": "n/a", "reason": reason}
         else:
-            job = record | {
-                "model": options.model,
-                "warmup": options.warmup,
-                "samples": options.samples,
-                "repeats": options.repeats,
-                "seed": options.seed,
+            outs = rounds[devices, chains, method]
+            record |= combine(outs) | {
+                "xla_flags": worker_env(devices, options.single_thread)["XLA_FLAGS"],
+                "rounds": outs,
             }
-            out = run_worker(job, env, options.timeout)
-        seconds = time.perf_counter() - t0
-        record |= out | {"xla_flags": env["XLA_FLAGS"], "process_s": seconds}
         key = "raw_gradient" if method == "raw_gradient" else "runs"
         results[key].append(record)
-        label = f"devices={devices} chains={chains} {method}"
-        print(_progress(i, len(jobs), label, out, seconds), flush=True)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     return results
 
@@ -256,9 +291,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmark chainmesh against NumPyro over host device counts",
-        description=__doc__.split("\n\n")[0],
+        description="Benchmark chainmesh against NumPyro over host CPU device "
+        "counts; write results.json, results.md and scaling.png into --out.",
     )
-    p.add_argument("--model", choices=sorted(BENCH_MODELS), default="logistic")
+    p.add_argument(
+        "--model",
+        choices=sorted(BENCH_MODELS),
+        default="logistic",
+        help="model and synthetic data (logistic)",
+    )
     p.add_argument(
         "--devices",
         type=_int_list,
@@ -274,7 +315,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=1,
-        help="warm calls per method, median reported (1)",
+        help="rounds of fresh measurement processes, medians reported (1)",
     )
     p.add_argument(
         "--single-thread",
@@ -287,7 +328,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=list(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
     p.add_argument(
         "--timeout",
         type=float,

@@ -23,7 +23,7 @@ COLUMNS = """\
 Columns. *cold*: first call, compilation included; *compile*: tracing, lowering
 and XLA compilation seconds in the cold call (`jax.monitoring`); *compiles*:
 XLA compilations in the cold / warm call; *warm*: a call on new data of the
-same shapes (median of the repeats); *vs NP*: best NumPyro warm time / this
+same shapes; *vs NP*: best NumPyro warm time / this
 warm time (> 1: faster than NumPyro's fastest `chain_method`); *grad/s*: useful
 leapfrog steps (gradient evaluations) per second of the sampling phase;
 *% raw*: grad/s over the raw batched-gradient rate of the model on the same
@@ -32,11 +32,15 @@ executed (a vectorized block executes `chains x max(steps)` per draw);
 *lockstep*: useful / executed; *min ESS*: smallest bulk ESS over all scalar
 parameters; *ESS/s*: min ESS / warm wall time; *ESS/s vs NP*: over NumPyro's
 best ESS/s; *div*: divergences; *r̂*: largest rank-normalized split r-hat;
-*RSS*: peak resident memory of the measuring process. NumPyro exposes leapfrog
+*RSS*: peak resident memory of the measuring process through its cold and
+warm calls. NumPyro exposes leapfrog
 counts of the sampling phase only, so every count here is sampling phase.
 NumPyro compiles on every `MCMC.run`, so its sampling-phase time comes from a
 re-run from the adapted state (`post_warmup_state`), one program at a time,
-minus the compile time `jax.monitoring` reports."""
+minus the compile time `jax.monitoring` reports; a re-run shorter than 0.25 s
+is redone with more draws. With `--repeats R` every
+measurement runs in R fresh processes, round-robin, and each number is the
+median over the rounds."""
 
 
 def _ok(records: Iterable[dict], **where) -> list[dict]:
@@ -99,7 +103,7 @@ def _row(run: dict) -> str:
     cells = [
         _fmt(m["cold_wall_s"]),
         _fmt(m["compile_s"]),
-        f"{m['compilations_cold']} / {m['compilations_warm']}",
+        f"{_fmt(m['compilations_cold'])} / {_fmt(m['compilations_warm'])}",
         _fmt(m["warm_wall_s"]),
         _fmt(d.get("warm_speedup_vs_numpyro"), 2),
         _fmt(m["gradients_per_s"]),
@@ -109,7 +113,7 @@ def _row(run: dict) -> str:
         _fmt(m["min_ess_bulk"]),
         _fmt(m["ess_per_s"]),
         _fmt(d.get("ess_per_s_vs_numpyro"), 2),
-        str(int(m["divergences"])),
+        _fmt(m["divergences"]),
         _fmt(m["max_r_hat"], 3),
         _fmt(m["peak_rss_mb"]),
     ]
@@ -149,6 +153,21 @@ def headlines(results: dict) -> list[str]:
     return lines
 
 
+def _load(results: dict) -> str:
+    """The 1-minute load average range over the measurements."""
+    loads = [
+        one["load_average_before"]
+        for r in results["runs"] + results["raw_gradient"]
+        for one in r.get("rounds", [])
+    ]
+    if not loads:
+        return ""
+    return (
+        f"1-minute load average before each measurement: {min(loads):.2f} to "
+        f"{max(loads):.2f} (other processes share these cores)."
+    )
+
+
 def markdown(results: dict) -> str:
     """``results.md``: setup, headline ratios, the full table, raw rates."""
     env, cfg = results["environment"], results["config"]
@@ -165,9 +184,7 @@ def markdown(results: dict) -> str:
         f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, jaxlib "
         f"{env['jaxlib']}, numpyro {env['numpyro']}, chainmesh {env['chainmesh']}; "
         f"{env['dtype']}; {cfg['warmup']} warmup + {cfg['samples']} draws per chain, "
-        f"seed {cfg['seed']}, {cfg['repeats']} warm call(s). Load average "
-        f"{env['load_average_start'][0]:.2f} at start, "
-        f"{env.get('load_average_end', [math.nan])[0]:.2f} at end.",
+        f"seed {cfg['seed']}; median of {cfg['repeats']} round(s). {_load(results)}",
         "",
         "## Headline",
         "",
@@ -193,7 +210,8 @@ def markdown(results: dict) -> str:
         rate = raw["metrics"]["raw_gradients_per_s"] if raw["status"] == "ok" else None
         plan = raw["metrics"]["plan"] if raw["status"] == "ok" else raw.get("reason")
         lines.append(f"| {raw['devices']} | {raw['chains']} | {_fmt(rate)} | {plan} |")
-    flags = sorted({r["xla_flags"] for r in results["runs"] + results["raw_gradient"]})
+    records = results["runs"] + results["raw_gradient"]
+    flags = sorted({r["xla_flags"] for r in records if "xla_flags" in r})
     lines += ["", "XLA_FLAGS per setting: " + "; ".join(f"`{f}`" for f in flags), ""]
     return "\n".join(lines)
 
@@ -205,6 +223,7 @@ def plot(results: dict, path: Path) -> Path | None:
     """
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -247,13 +266,14 @@ def plot(results: dict, path: Path) -> Path | None:
                 title=f"{title}, {chains} chains",
             )
             ax.set_xticks(devices, [str(d) for d in devices])
-            ax.minorticks_off()
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     cfg = results["config"]
     mode = "single-thread devices" if cfg["single_thread"] else "multi-threaded devices"
     fig.suptitle(f"{cfg['model']}: {mode}, {cfg['warmup']}+{cfg['samples']} per chain")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 / len(chains_list), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -8,8 +8,8 @@ keeps compilations, caches and the peak RSS of each method apart.
 Every method fits the same model, data, chains, draws and seed:
 
 - a **cold** call on data set 0 (compilation included),
-- ``repeats`` **warm** calls on new data of the same shapes (data sets 1, 2,
-  ...; what a user fitting many data sets pays per call),
+- a **warm** call on new data of the same shapes (data set 1, seed + 1: what
+  a user fitting many data sets pays per call),
 - the sampling-phase rate: chainmesh times its sampling phase itself; NumPyro
   compiles on every ``MCMC.run``, so its sampling phase is re-run from the
   adapted state (``post_warmup_state``, one program at a time) and its
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import resource
 import sys
 import time
@@ -31,7 +32,7 @@ import jax
 import jax.monitoring
 import numpy as np
 
-from chainmesh.bench_models import bench_data
+from chainmesh.bench_models import bench_data, raw_gradient_rate
 
 RESULT_PREFIX = "BENCH_RESULT "
 NUMPYRO_METHODS = {
@@ -96,7 +97,14 @@ def draw_metrics(samples: dict, num_steps: np.ndarray, diverging: np.ndarray) ->
     from chainmesh.diagnostics import summarize
 
     rows = summarize({k: np.asarray(v) for k, v in samples.items()})
-    ess = [r["ess_bulk"] for r in rows.values()]
+    # Stan and ArviZ bound the autocorrelation time below by 1 / log10(n); the
+    # NumPyro estimator under chainmesh.diagnostics does not, and antithetic
+    # chains (NUTS on near-Gaussian targets) then get a negative ESS.
+    n = np.asarray(num_steps).size
+    cap = n * np.log10(n)
+    ess = [
+        cap if e < 0 or e > cap else e for e in (r["ess_bulk"] for r in rows.values())
+    ]
     rhat = [r["r_hat"] for r in rows.values()]
     return {
         "min_ess_bulk": float(np.nanmin(ess)),
@@ -106,8 +114,15 @@ def draw_metrics(samples: dict, num_steps: np.ndarray, diverging: np.ndarray) ->
     }
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux: KiB units)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _call_metrics(meter: Meter, draws: dict) -> dict:
+    """Warm-call metrics; the peak RSS is read here, before any extra timing run."""
     out = {
+        "peak_rss_mb": _peak_rss_mb(),
         "warm_wall_s": meter.wall_s,
         "compilations_warm": meter.compilations,
         "warm_compile_s": meter.compile_s,
@@ -119,19 +134,12 @@ def _call_metrics(meter: Meter, draws: dict) -> dict:
 
 def _rates(metrics: dict) -> dict:
     """Add the sampling-phase gradient rate and the lockstep efficiency."""
-    metrics["gradients_per_s"] = metrics["sampling_useful"] / metrics["sampling_s"]
+    seconds = max(metrics["sampling_s"], 1e-9)
+    metrics["gradients_per_s"] = metrics["sampling_useful"] / seconds
     metrics["lockstep_efficiency"] = (
         metrics["leapfrog_useful"] / metrics["leapfrog_executed"]
     )
     return metrics
-
-
-def _median(calls: list[dict]) -> dict:
-    """Per-key median over the warm calls (max for compile counts)."""
-    out = {k: float(np.median([c[k] for c in calls])) for k in calls[0]}
-    out["compilations_warm"] = max(c["compilations_warm"] for c in calls)
-    out["warm_walls_s"] = [c["warm_wall_s"] for c in calls]
-    return out
 
 
 def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
@@ -152,17 +160,10 @@ def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
     with measure() as cold:
         s = sampler()
         s.run(job["seed"], *bench_data(job["model"], 0).args)
-    calls = []
-    for r in range(1, job["repeats"] + 1):
-        with measure() as warm:
-            result = s.run(job["seed"] + r, *bench_data(job["model"], r).args)
-        stats, extra = result.stats, result.extra
-        draws = draw_metrics(result.samples, extra["num_steps"], extra["diverging"])
-        call = _call_metrics(warm, draws)
-        call["leapfrog_executed"] = stats["lockstep_steps"]
-        call["sampling_s"] = stats["sampling_s"]
-        call["sampling_useful"] = stats["leapfrog_steps"]
-        calls.append(call)
+    with measure() as warm:
+        result = s.run(job["seed"] + 1, *bench_data(job["model"], 1).args)
+    stats, extra = result.stats, result.extra
+    draws = draw_metrics(result.samples, extra["num_steps"], extra["diverging"])
     return _rates(
         {
             "cold_wall_s": cold.wall_s,
@@ -170,7 +171,10 @@ def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
             "compilations_cold": cold.compilations,
             "plan": str(s.plan),
             "sampling_source": "chainmesh sampling phase of the warm call",
-            **_median(calls),
+            **_call_metrics(warm, draws),
+            "leapfrog_executed": stats["lockstep_steps"],
+            "sampling_s": stats["sampling_s"],
+            "sampling_useful": stats["leapfrog_steps"],
         }
     )
 
@@ -229,31 +233,44 @@ def _numpyro_call(job: dict, units: list[_Unit], seed: int, args: tuple) -> tupl
     return samples, extra
 
 
-def _sampling_phase(job: dict, units: list[_Unit], args: tuple) -> tuple[float, int]:
+def _continue(mcmc: Any, start: Any, device: Any, args: tuple) -> tuple[float, int]:
+    """Run time (wall - compile) and leapfrog steps of a run from ``start``."""
+    mcmc.post_warmup_state = start
+    with _device_ctx(device), measure() as m:
+        mcmc.run(jax.random.PRNGKey(1000), *args, extra_fields=("num_steps",))
+        steps = int(np.sum(jax.device_get(mcmc.get_extra_fields()["num_steps"])))
+    return max(m.wall_s - m.compile_s, 1e-9), steps
+
+
+def _sampling_phase(
+    job: dict, units: list[_Unit], args: tuple, min_run_s: float = 0.25
+) -> tuple[float, int]:
     """Seconds and useful leapfrog steps of one more sampling phase per unit.
 
     Runs every program from the adapted state (``post_warmup_state``) and
     blocks after each, so that its compilation never overlaps another
-    program's execution; ``wall - compile`` is then its run time.
+    program's execution; ``wall - compile`` is then its run time. A run
+    shorter than ``min_run_s`` is too short for that difference to mean much
+    (compilation takes seconds), so it is redone with enough more draws.
     """
-    seconds, steps, key = 0.0, 0, jax.random.PRNGKey(job["seed"] + 1000)
+    seconds, steps = 0.0, 0
     for unit in units:
         state = unit.mcmc.last_state
         if unit.chain_method == "sequential" and unit.chains > 1:
             # What NumPyro's sequential loop runs: one single-chain program each.
-            pieces = [
-                (_mcmc(job, 1, "sequential"), jax.tree.map(lambda x, i=i: x[i], state))
-                for i in range(unit.chains)
+            shape = (1, "sequential")
+            starts = [
+                jax.tree.map(lambda x, i=i: x[i], state) for i in range(unit.chains)
             ]
         else:
-            pieces = [(unit.mcmc, state)]
-        for mcmc, start in pieces:
-            mcmc.post_warmup_state = start
-            with _device_ctx(unit.device), measure() as m:
-                mcmc.run(key, *args, extra_fields=("num_steps",))
-                num_steps = jax.device_get(mcmc.get_extra_fields()["num_steps"])
-            seconds += max(m.wall_s - m.compile_s, 1e-9)
-            steps += int(np.sum(num_steps))
+            shape, starts = (unit.chains, unit.chain_method), [state]
+        for start in starts:
+            run_s, n = _continue(_mcmc(job, *shape), start, unit.device, args)
+            if run_s < min_run_s:
+                more = min(100, math.ceil(2 * min_run_s / run_s))
+                longer = job | {"samples": job["samples"] * more}
+                run_s, n = _continue(_mcmc(longer, *shape), start, unit.device, args)
+            seconds, steps = seconds + run_s, steps + n
     return seconds, steps
 
 
@@ -261,17 +278,11 @@ def run_numpyro(job: dict, units: list[_Unit]) -> dict:
     """NumPyro ``MCMC`` over ``units`` (one unit, or the device-loop pattern)."""
     with measure() as cold:
         _numpyro_call(job, units, job["seed"], bench_data(job["model"], 0).args)
-    calls = []
-    for r in range(1, job["repeats"] + 1):
-        args = bench_data(job["model"], r).args
-        with measure() as warm:
-            samples, extra = _numpyro_call(job, units, job["seed"] + r, args)
-        call = _call_metrics(
-            warm, draw_metrics(samples, extra["num_steps"], extra["diverging"])
-        )
-        blocks = [b for u in units for b in u.blocks()]
-        call["leapfrog_executed"] = executed_steps(extra["num_steps"], blocks)
-        calls.append(call)
+    args = bench_data(job["model"], 1).args
+    with measure() as warm:
+        samples, extra = _numpyro_call(job, units, job["seed"] + 1, args)
+    draws = draw_metrics(samples, extra["num_steps"], extra["diverging"])
+    blocks = [b for u in units for b in u.blocks()]
     sampling_s, useful = _sampling_phase(job, units, args)
     out = {
         "cold_wall_s": cold.wall_s,
@@ -283,7 +294,8 @@ def run_numpyro(job: dict, units: list[_Unit]) -> dict:
             for u in units
         ),
         "sampling_source": "NumPyro post_warmup_state re-run, compile subtracted",
-        **_median(calls),
+        **_call_metrics(warm, draws),
+        "leapfrog_executed": executed_steps(extra["num_steps"], blocks),
         "sampling_s": sampling_s,
         "sampling_useful": useful,
     }
@@ -299,76 +311,8 @@ def loop_units(chains: int, devices: list) -> list[_Unit]:
     ]
 
 
-def run_raw_gradient(job: dict, devices: int, min_seconds: float = 1.0) -> dict:
-    """Batched ``value_and_grad`` of the potential, sharded like chainmesh.
-
-    A ``fori_loop`` of ``vmap(value_and_grad(potential))`` over each device's
-    block of chains under ``shard_map``: the rate no sampler can beat.
-    """
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from numpyro.infer import init_to_median
-    from numpyro.infer.util import initialize_model, potential_energy
-
-    from chainmesh.mesh import CHAIN, plan_chains
-
-    example = bench_data(job["model"], 0)
-    plan = plan_chains(job["chains"], jax.devices()[:devices])
-    mesh = Mesh(np.asarray(plan.devices, dtype=object), (CHAIN,))
-    z0 = initialize_model(
-        jax.random.PRNGKey(0),
-        example.model,
-        model_args=example.args,
-        init_strategy=init_to_median,
-    ).param_info.z
-    z = {k: np.repeat(np.asarray(v)[None], plan.total_chains, 0) for k, v in z0.items()}
-
-    def per_device(q, n, args):
-        energy_grad = jax.vmap(
-            jax.value_and_grad(lambda x: potential_energy(example.model, args, {}, x))
-        )
-
-        def body(_, carry):
-            q, total = carry
-            energy, grad = energy_grad(q)
-            q = jax.tree.map(lambda a, g: a - 1e-6 * g, q, grad)
-            return q, total + energy
-
-        local = jax.tree.leaves(q)[0].shape[0]
-        return jax.lax.fori_loop(0, n, body, (q, jnp.zeros(local)))
-
-    program = jax.jit(
-        jax.shard_map(
-            per_device,
-            mesh=mesh,
-            in_specs=(P(CHAIN), P(), P()),
-            out_specs=P(CHAIN),
-            check_vma=False,
-        )
-    )
-    z = jax.device_put(z, NamedSharding(mesh, P(CHAIN)))
-    data = jax.device_put(example.args, NamedSharding(mesh, P()))
-    with measure() as first:
-        jax.block_until_ready(program(z, np.int32(5), data))
-    n = 20
-    while True:
-        with measure() as m:
-            jax.block_until_ready(program(z, np.int32(n), data))
-        if m.wall_s >= min_seconds or n >= 1 << 22:
-            break
-        n *= 2 if m.wall_s > min_seconds / 8 else 8
-    return {
-        "raw_gradients_per_s": job["chains"] * n / m.wall_s,
-        "iterations": n,
-        "seconds": m.wall_s,
-        "compile_s": first.compile_s,
-        "plan": str(plan),
-    }
-
-
 def run_job(job: dict) -> dict:
-    """Run the job's method and return its metrics (plus the peak RSS)."""
+    """Run the job's method and return its metrics, peak RSS included."""
     devices = jax.devices()
     if len(devices) != job["devices"]:
         raise RuntimeError(
@@ -381,14 +325,14 @@ def run_job(job: dict) -> dict:
         "chainmesh_map": lambda: run_chainmesh(job, job["devices"], "map"),
         "chainmesh_1pd": lambda: run_chainmesh(job, job["chains"], "vmap"),
         "device_loop": lambda: run_numpyro(job, loop_units(job["chains"], devices)),
-        "raw_gradient": lambda: run_raw_gradient(job, job["devices"]),
+        "raw_gradient": lambda: raw_gradient_rate(job["model"], job["chains"], devices),
     }
     for name, chain_method in NUMPYRO_METHODS.items():
         runners[name] = lambda cm=chain_method: run_numpyro(
             job, [_Unit(None, job["chains"], cm)]
         )
     metrics = runners[method]()
-    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics.setdefault("peak_rss_mb", _peak_rss_mb())
     return metrics
 
 
