@@ -115,7 +115,18 @@ def draw_metrics(samples: dict, num_steps: np.ndarray, diverging: np.ndarray) ->
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux: KiB units)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's VmHWM, not ``ru_maxrss``: the latter survives ``exec``, so a worker
+    started by a larger parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
