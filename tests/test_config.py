@@ -29,6 +29,7 @@ SMALL = {"num_warmup": 10, "num_samples": 10, "progress_bar": False}
         ({"inner": "pmap"}, ValueError, "inner must be one of"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
         ({"dense_mass": "yes"}, TypeError, "dense_mass"),
+        ({"gather": "some"}, ValueError, "gather must be"),
     ],
 )
 def test_bad_config(kwargs, error, match, count_compiles):

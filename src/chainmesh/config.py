@@ -47,6 +47,7 @@ class SamplerConfig:
         store: Directory to stream kept draws into as ``.npy`` files (None:
             keep them in memory).
         check_data: Refuse NaN/inf in floating-point model arguments.
+        gather: Which processes keep the draws: "all" or "main" (process 0).
     """
 
     num_chains: int = 4
@@ -64,6 +65,7 @@ class SamplerConfig:
     checkpoint_every: int = 10
     store: str | None = None
     check_data: bool = True
+    gather: str = "all"
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
@@ -95,6 +97,8 @@ class SamplerConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | os.PathLike):
                 raise TypeError(f"{name} must be a path or None, got {value!r}")
+        if self.gather not in ("all", "main"):
+            raise ValueError(f"gather must be 'all' or 'main', got {self.gather!r}")
         if self.inner not in INNER_STRATEGIES:
             raise ValueError(
                 f"inner must be one of {INNER_STRATEGIES}, got {self.inner!r}"

@@ -47,7 +47,7 @@ class Result:
     @property
     def num_draws(self) -> int:
         """Draws kept per chain."""
-        return next(iter(self.extra.values())).shape[1]
+        return next(iter(self.extra.values())).shape[1] if self.extra else 0
 
     def get_samples(self, group_by_chain: bool = False) -> dict[str, np.ndarray]:
         """Draws by site, exactly like NumPyro's ``MCMC.get_samples``.

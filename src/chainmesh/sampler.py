@@ -27,7 +27,7 @@ from chainmesh.mesh import (
 from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
 from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
 from chainmesh.result import Result, run_stats
-from chainmesh.store import FileStore, MemoryStore
+from chainmesh.store import FileStore, MemoryStore, NullStore
 
 
 class Sampler:
@@ -71,6 +71,9 @@ class Sampler:
         store: Stream kept draws into ``.npy`` files in this directory (host
             memory stays flat); ``Result`` arrays are then read-only memmaps.
         check_data: Raise on NaN/inf in floating-point model arguments.
+        gather: In a multi-process run, ``"all"`` processes keep the full
+            draws, or only the ``"main"`` one (process 0; the others return a
+            ``Result`` with empty ``samples`` and ``extra``).
 
     Raises:
         ValueError, TypeError: Any bad argument, before anything compiles.
@@ -96,6 +99,7 @@ class Sampler:
         checkpoint_every: int = 10,
         store: str | None = None,
         check_data: bool = True,
+        gather: str = "all",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable, got {type(model).__name__}")
@@ -116,6 +120,7 @@ class Sampler:
             checkpoint_every=checkpoint_every,
             store=store,
             check_data=check_data,
+            gather=gather,
         )
         if checkpoint_dir is not None:
             checkpoint.check_writable(checkpoint_dir, 0)
@@ -219,6 +224,8 @@ class Sampler:
             keep = (self.shards.num_shards, *keep)
         kept = config.num_samples // config.thinning
         store = FileStore(config.store, resume) if config.store else MemoryStore()
+        if config.gather == "main" and jax.process_index() != 0:
+            store = NullStore()
         allocate(store, programs.chunk, keep, kept)
         progress, save = None, None
         if config.checkpoint_dir is not None:
@@ -251,8 +258,9 @@ class Sampler:
                 store.close()
         stats = run_stats(out, compile_s, compilations, init_s)
         extra = dict(out.extra)
-        extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
-        stats["divergences"] = int(np.sum(extra["diverging"]))  # real chains only
+        if extra:
+            extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
+            stats["divergences"] = int(np.sum(extra["diverging"]))  # real chains
         return out, extra, stats
 
     def init(

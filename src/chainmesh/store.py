@@ -40,6 +40,25 @@ class MemoryStore:
         """Nothing to do in memory."""
 
 
+class NullStore:
+    """Keeps nothing: for processes that do not hold the draws (gather="main")."""
+
+    def allocate(self, group: str, name: str, shape: tuple, dtype: np.dtype) -> None:
+        """Nothing to allocate."""
+
+    def write(
+        self, group: str, name: str, lead: int, start: int, values: np.ndarray
+    ) -> None:
+        """Drop the values."""
+
+    def read(self, group: str) -> dict[str, np.ndarray]:
+        """No arrays."""
+        return {}
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+
 class FileStore:
     """Draws streamed into ``<path>/<group>/<name>.npy`` files.
 

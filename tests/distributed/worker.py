@@ -26,6 +26,13 @@ config = {"num_chains": 8, "num_warmup": 100, "num_samples": 100}
 result = cm.Sampler(linreg, progress_bar=False, **config).run(0, X, y)
 plan = plan_chains(8, jax.devices())
 assert result.plan.num_devices == plan.num_devices == len(jax.devices())
+assert result.samples["beta"].shape == (8, 100, 3)  # every process: all draws
+main_only = cm.Sampler(linreg, progress_bar=False, gather="main", **config)
+kept = main_only.run(0, X, y)
+if distributed.is_main_process():
+    np.testing.assert_array_equal(kept.samples["beta"], result.samples["beta"])
+else:
+    assert kept.samples == {} and kept.extra == {}
 if distributed.is_main_process():
     np.savez(
         sys.argv[1],
