@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from chainmesh import bench
+from chainmesh.bench_host import wait_for_quiet
 from chainmesh.bench_models import BENCH_MODELS, bench_data
 from chainmesh.bench_report import LABELS, derive, markdown
 from chainmesh.bench_worker import (
@@ -99,6 +100,20 @@ def test_rounds_combine_to_medians_and_any_failure_fails():
     }
     failed = bench.combine([ok(1.0, 0), {"status": "error", "reason": "boom"}])
     assert failed == {"status": "error", "reason": "boom"}
+
+
+def test_command_line_reproduces_the_options():
+    options = _parse("--devices", "1,2", "--chains", "8", "--single-thread")
+    options.max_busy = 0.5
+    assert bench.command_line(options) == (
+        "chainmesh bench --model logistic --devices 1,2 --chains 8 --warmup 300 "
+        "--samples 500 --repeats 1 --single-thread --max-busy 0.5 --out bench-results"
+    )
+
+
+def test_wait_for_quiet_returns_at_once_when_the_bar_is_high():
+    waited, busy = wait_for_quiet(max_busy=1e6, timeout=60)
+    assert waited < 10 and (busy is None or busy >= 0)
 
 
 def _fake_run(method: str, warm: float, ess_per_s: float, status: str = "ok") -> dict:

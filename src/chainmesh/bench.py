@@ -16,17 +16,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from chainmesh.bench_host import environment, wait_for_quiet
 from chainmesh.bench_models import BENCH_MODELS
 from chainmesh.bench_worker import RESULT_PREFIX
 
@@ -116,40 +114,6 @@ def run_worker(job: dict, env: dict[str, str], timeout: float) -> dict:
     }
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else "unknown"
-
-
-def environment() -> dict:
-    """Versions, CPU and the flags the results depend on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cores": cores or os.cpu_count(),
-        "jax": _version("jax"),
-        "jaxlib": _version("jaxlib"),
-        "numpyro": _version("numpyro"),
-        "chainmesh": _version("chainmesh"),
-        "dtype": "float64" if os.environ.get("JAX_ENABLE_X64") else "float32",
-        "xla_flags_inherited": os.environ.get("XLA_FLAGS", ""),
-        "load_average_start": list(os.getloadavg()),
-    }
-
-
 def _progress(i: int, n: int, label: str, out: dict) -> str:
     head = f"[{i:>2}/{n}] {label:<62}"
     tail = f"({out['process_s']:.0f} s, load {out['load_average_before']:.1f})"
@@ -181,6 +145,8 @@ def command_line(options: argparse.Namespace) -> str:
         words.append(f"--methods {','.join(options.methods)}")
     if options.seed:
         words.append(f"--seed {options.seed}")
+    if options.max_busy is not None:
+        words.append(f"--max-busy {options.max_busy:g}")
     return " ".join([*words, f"--out {options.out}"])
 
 
@@ -227,6 +193,7 @@ def run_benchmark(options: argparse.Namespace) -> dict:
             for k in ("model", "devices", "chains", "warmup", "samples", "repeats")
         }
         | {"single_thread": options.single_thread, "seed": options.seed}
+        | {"max_busy": options.max_busy}
         | {"methods": list(options.methods)},
         "environment": environment(),
         "raw_gradient": [],
@@ -240,9 +207,17 @@ def run_benchmark(options: argparse.Namespace) -> dict:
             job = {"devices": devices, "chains": chains, "method": method}
             job |= {k: getattr(options, k) for k in ("model", "warmup", "samples")}
             job["seed"] = options.seed
+            waited, busy = 0.0, None
+            if options.max_busy is not None:
+                waited, busy = wait_for_quiet(options.max_busy, options.timeout)
             load, t0 = os.getloadavg()[0], time.perf_counter()
             out = run_worker(job, env, options.timeout)
-            out |= {"process_s": time.perf_counter() - t0, "load_average_before": load}
+            out |= {
+                "process_s": time.perf_counter() - t0,
+                "load_average_before": load,
+                "busy_tasks_before": busy,
+                "waited_s": waited,
+            }
             rounds[devices, chains, method].append(out)
             i += 1
             label = f"round {r}/{options.repeats} devices={devices} chains={chains}"
@@ -329,6 +304,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
+    p.add_argument(
+        "--max-busy",
+        type=float,
+        default=None,
+        metavar="N",
+        help="before each measurement wait (up to --timeout) until at most N "
+        "other tasks are runnable (Linux; off by default)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

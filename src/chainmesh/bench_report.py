@@ -37,10 +37,10 @@ warm calls. NumPyro exposes leapfrog
 counts of the sampling phase only, so every count here is sampling phase.
 NumPyro compiles on every `MCMC.run`, so its sampling-phase time comes from a
 re-run from the adapted state (`post_warmup_state`), one program at a time,
-minus the compile time `jax.monitoring` reports; a re-run shorter than 0.25 s
-is redone with more draws. With `--repeats R` every
-measurement runs in R fresh processes, round-robin, and each number is the
-median over the rounds."""
+minus the compile time `jax.monitoring` reports. A timed sampling phase
+shorter than 0.2 s (either library) is timed again with more draws. With
+`--repeats R` every measurement runs in R fresh processes, round-robin, and
+each number is the median over the rounds."""
 
 
 def _ok(records: Iterable[dict], **where) -> list[dict]:
@@ -162,10 +162,22 @@ def _load(results: dict) -> str:
     ]
     if not loads:
         return ""
-    return (
+    text = (
         f"1-minute load average before each measurement: {min(loads):.2f} to "
-        f"{max(loads):.2f} (other processes share these cores)."
+        f"{max(loads):.2f} (the benchmark's own previous process included)."
     )
+    max_busy = results["config"].get("max_busy")
+    if max_busy is not None:
+        waited = sum(
+            one.get("waited_s", 0.0)
+            for r in results["runs"] + results["raw_gradient"]
+            for one in r.get("rounds", [])
+        )
+        text += (
+            f" Each measurement started once at most {max_busy:g} other tasks "
+            f"were runnable ({waited / 60:.0f} min of waiting in all)."
+        )
+    return text
 
 
 def markdown(results: dict) -> str:
@@ -236,6 +248,8 @@ def plot(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(
         len(chains_list), 2, figsize=(11, 3.8 * len(chains_list)), squeeze=False
     )
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = dict(zip(LABELS, palette, strict=False))  # one colour per method
     for row, chains in zip(axes, chains_list, strict=True):
         for method, label in LABELS.items():
             runs = sorted(
@@ -246,7 +260,8 @@ def plot(results: dict, path: Path) -> Path | None:
                 continue
             x = [r["devices"] for r in runs]
             for ax, key in zip(row, ("gradients_per_s", "ess_per_s"), strict=True):
-                ax.plot(x, [r["metrics"][key] for r in runs], "o-", label=label)
+                y = [r["metrics"][key] for r in runs]
+                ax.plot(x, y, "o-", color=colors[method], label=label)
         raw = sorted(
             _ok(results["raw_gradient"], chains=chains), key=lambda r: r["devices"]
         )
@@ -268,8 +283,11 @@ def plot(results: dict, path: Path) -> Path | None:
             ax.set_xticks(devices, [str(d) for d in devices])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8)
     cfg = results["config"]
     mode = "single-thread devices" if cfg["single_thread"] else "multi-threaded devices"
     fig.suptitle(f"{cfg['model']}: {mode}, {cfg['warmup']}+{cfg['samples']} per chain")

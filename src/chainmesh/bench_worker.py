@@ -13,7 +13,8 @@ Every method fits the same model, data, chains, draws and seed:
 - the sampling-phase rate: chainmesh times its sampling phase itself; NumPyro
   compiles on every ``MCMC.run``, so its sampling phase is re-run from the
   adapted state (``post_warmup_state``, one program at a time) and its
-  compile time, reported by ``jax.monitoring``, is subtracted.
+  compile time, reported by ``jax.monitoring``, is subtracted. Phases shorter
+  than ``MIN_TIMED_S`` are timed again with more draws.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _COMPILE_EVENTS = (
     "/jax/core/compile/backend_compile_duration",
 )
 _TOTALS = {"compilations": 0, "compile_s": 0.0}
+MIN_TIMED_S = 0.2
+"""A timed sampling phase shorter than this is redone with more draws."""
 
 
 def _on_event(event: str, duration: float, **_: Any) -> None:
@@ -153,16 +156,21 @@ def _rates(metrics: dict) -> dict:
     return metrics
 
 
+def _longer(seconds: float) -> int:
+    """How many times more draws make a ``seconds`` long phase last 2 x MIN_TIMED_S."""
+    return min(100, math.ceil(2 * MIN_TIMED_S / max(seconds, 1e-9)))
+
+
 def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
     """chainmesh ``Sampler`` on ``devices`` devices with ``inner`` per device."""
     import chainmesh as cm
 
-    def sampler() -> cm.Sampler:
+    def sampler(num_samples: int = job["samples"]) -> cm.Sampler:
         return cm.Sampler(
             bench_data(job["model"], 0).model,
             num_chains=job["chains"],
             num_warmup=job["warmup"],
-            num_samples=job["samples"],
+            num_samples=num_samples,
             devices=devices,
             inner=inner,
             progress_bar=False,
@@ -171,21 +179,26 @@ def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
     with measure() as cold:
         s = sampler()
         s.run(job["seed"], *bench_data(job["model"], 0).args)
+    args = bench_data(job["model"], 1).args
     with measure() as warm:
-        result = s.run(job["seed"] + 1, *bench_data(job["model"], 1).args)
+        result = s.run(job["seed"] + 1, *args)
     stats, extra = result.stats, result.extra
     draws = draw_metrics(result.samples, extra["num_steps"], extra["diverging"])
+    timed = stats
+    if stats["sampling_s"] < MIN_TIMED_S:
+        longer = sampler(job["samples"] * _longer(stats["sampling_s"]))
+        timed = longer.run(job["seed"] + 1, *args).stats
     return _rates(
         {
             "cold_wall_s": cold.wall_s,
             "compile_s": cold.compile_s,
             "compilations_cold": cold.compilations,
             "plan": str(s.plan),
-            "sampling_source": "chainmesh sampling phase of the warm call",
+            "sampling_source": "chainmesh sampling phase of a warm call",
             **_call_metrics(warm, draws),
             "leapfrog_executed": stats["lockstep_steps"],
-            "sampling_s": stats["sampling_s"],
-            "sampling_useful": stats["leapfrog_steps"],
+            "sampling_s": timed["sampling_s"],
+            "sampling_useful": timed["leapfrog_steps"],
         }
     )
 
@@ -253,16 +266,14 @@ def _continue(mcmc: Any, start: Any, device: Any, args: tuple) -> tuple[float, i
     return max(m.wall_s - m.compile_s, 1e-9), steps
 
 
-def _sampling_phase(
-    job: dict, units: list[_Unit], args: tuple, min_run_s: float = 0.25
-) -> tuple[float, int]:
+def _sampling_phase(job: dict, units: list[_Unit], args: tuple) -> tuple[float, int]:
     """Seconds and useful leapfrog steps of one more sampling phase per unit.
 
     Runs every program from the adapted state (``post_warmup_state``) and
     blocks after each, so that its compilation never overlaps another
     program's execution; ``wall - compile`` is then its run time. A run
-    shorter than ``min_run_s`` is too short for that difference to mean much
-    (compilation takes seconds), so it is redone with enough more draws.
+    shorter than ``MIN_TIMED_S`` is too short for that difference to mean
+    much (compilation takes seconds), so it is redone with more draws.
     """
     seconds, steps = 0.0, 0
     for unit in units:
@@ -277,9 +288,8 @@ def _sampling_phase(
             shape, starts = (unit.chains, unit.chain_method), [state]
         for start in starts:
             run_s, n = _continue(_mcmc(job, *shape), start, unit.device, args)
-            if run_s < min_run_s:
-                more = min(100, math.ceil(2 * min_run_s / run_s))
-                longer = job | {"samples": job["samples"] * more}
+            if run_s < MIN_TIMED_S:
+                longer = job | {"samples": job["samples"] * _longer(run_s)}
                 run_s, n = _continue(_mcmc(longer, *shape), start, unit.device, args)
             seconds, steps = seconds + run_s, steps + n
     return seconds, steps
