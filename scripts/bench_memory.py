@@ -16,21 +16,6 @@ import sys
 import tempfile
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
-    exec, so a child of a big parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None:
     import time
 
@@ -39,6 +24,7 @@ def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None
     cm.set_host_device_count(2)
     import numpy as np
 
+    from chainmesh.bench_worker import peak_rss_mb
     from chainmesh.examples import gaussian_data
 
     example = gaussian_data(d=dim)
@@ -61,7 +47,7 @@ def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None
     )
     # Touch a few draws so the lazily read result is used, not only allocated.
     check = float(np.asarray(x[:, -5:]).mean())
-    rss_mb = _peak_rss_mb()
+    rss_mb = peak_rss_mb()
     print(
         json.dumps(
             {

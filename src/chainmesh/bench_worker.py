@@ -117,7 +117,7 @@ def draw_metrics(samples: dict, num_steps: np.ndarray, diverging: np.ndarray) ->
     }
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB.
 
     Linux's VmHWM, not ``ru_maxrss``: the latter survives ``exec``, so a worker
@@ -136,7 +136,7 @@ def _peak_rss_mb() -> float:
 def _call_metrics(meter: Meter, draws: dict) -> dict:
     """Warm-call metrics; the peak RSS is read here, before any extra timing run."""
     out = {
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "warm_wall_s": meter.wall_s,
         "compilations_warm": meter.compilations,
         "warm_compile_s": meter.compile_s,
@@ -353,7 +353,7 @@ def run_job(job: dict) -> dict:
             job, [_Unit(None, job["chains"], cm)]
         )
     metrics = runners[method]()
-    metrics.setdefault("peak_rss_mb", _peak_rss_mb())
+    metrics.setdefault("peak_rss_mb", peak_rss_mb())
     return metrics
 
 
