@@ -24,7 +24,7 @@ def _child(mode: str, chains: int, draws: int, dim: int, directory: str) -> None
     cm.set_host_device_count(2)
     import numpy as np
 
-    from chainmesh.bench_worker import peak_rss_mb
+    from chainmesh.bench.worker import peak_rss_mb
     from chainmesh.examples import gaussian_data
 
     example = gaussian_data(d=dim)

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from chainmesh import bench
-from chainmesh.bench_host import wait_for_quiet
-from chainmesh.bench_models import BENCH_MODELS, bench_data
-from chainmesh.bench_report import LABELS, derive, markdown
-from chainmesh.bench_worker import (
+from chainmesh.bench import runner as bench
+from chainmesh.bench.host import wait_for_quiet
+from chainmesh.bench.models import BENCH_MODELS, bench_data
+from chainmesh.bench.report import LABELS, derive, markdown
+from chainmesh.bench.worker import (
     NUMPYRO_METHODS,
     draw_metrics,
     executed_steps,

@@ -79,7 +79,7 @@ def test_bad_seed_and_args():
     sampler = cm.Sampler(scale_model, **SMALL)
     with pytest.raises(TypeError, match="seed must be"):
         sampler.run("zero", Y)
-    with pytest.raises(TypeError, match="model arguments must be arrays"):
+    with pytest.raises(TypeError, match=r"model argument args\[0\] is a str"):
         sampler.run(0, "not data")
 
 

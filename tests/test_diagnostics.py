@@ -46,6 +46,12 @@ def test_degenerate_inputs():
         d.ess_bulk(np.zeros(10))
 
 
+def test_r_hat_of_one_chain_is_nan_like_arviz():
+    one = np.random.default_rng(4).normal(size=(1, 400))
+    assert np.isnan(d.r_hat(one))  # R-hat compares chains; ArviZ gives NaN too
+    assert d.ess_bulk(one) == pytest.approx(400, rel=0.2)  # ESS still exists
+
+
 def test_lockstep_efficiency():
     assert d.lockstep_efficiency(30, 40) == 0.75
     assert np.isnan(d.lockstep_efficiency(0, 0))

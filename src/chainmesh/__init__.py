@@ -1,14 +1,14 @@
 """chainmesh: many NumPyro NUTS chains as one SPMD program over a JAX device mesh."""
 
-from chainmesh import backends, cmc, combine, diagnostics
+from chainmesh import backends, cmc, combine, diagnostics, distributed
+from chainmesh._version import __version__
+from chainmesh.batch import BatchResult, BatchSampler
+from chainmesh.cache import CACHE
 from chainmesh.chain_transform import chain_method
 from chainmesh.config import SamplerConfig
 from chainmesh.mesh import CHAIN, ChainPlan, plan_chains, set_host_device_count
-from chainmesh.program import CACHE
 from chainmesh.result import Result
 from chainmesh.sampler import Sampler, sample
-
-__version__ = "0.1.0"
 
 
 def clear_cache() -> None:
@@ -18,16 +18,20 @@ def clear_cache() -> None:
 
 __all__ = [
     "CHAIN",
+    "BatchResult",
+    "BatchSampler",
     "ChainPlan",
     "Result",
     "Sampler",
-    "backends",
     "SamplerConfig",
+    "__version__",
+    "backends",
     "chain_method",
     "clear_cache",
     "cmc",
     "combine",
     "diagnostics",
+    "distributed",
     "plan_chains",
     "sample",
     "set_host_device_count",

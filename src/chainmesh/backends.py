@@ -29,10 +29,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from chainmesh.cache import CACHE
 from chainmesh.config import SamplerConfig
-from chainmesh.kernel import EXTRA_FIELDS
+from chainmesh.kernels.nuts import EXTRA_FIELDS
 from chainmesh.mesh import resolve_devices
-from chainmesh.program import CACHE
 from chainmesh.result import Result
 from chainmesh.sampler import Sampler
 

@@ -20,8 +20,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from chainmesh.layout import shard_chains
 from chainmesh.mesh import CHAIN, chain_mesh, plan_chains, resolve_devices
+from chainmesh.placement import shard_chains
 
 
 def _mesh_devices(mesh: Mesh | int | Sequence[jax.Device]) -> list[jax.Device]:

@@ -6,8 +6,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from chainmesh import bench
-
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -93,10 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from chainmesh import distributed
 
         return distributed.main(argv[1:])
+    if argv[:1] == ["bench"]:  # loaded only when asked for
+        from chainmesh.bench import runner
+
+        return runner.main(argv[1:])
     parser = argparse.ArgumentParser(prog="chainmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
-    bench.add_parser(sub)
+    sub.add_parser(
+        "bench",
+        help="benchmark chainmesh against NumPyro (chainmesh bench --help)",
+    )
     sub.add_parser(
         "launch",
         help="run a command as P local processes joined by jax.distributed: "
@@ -105,8 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
-    if args.command == "bench":
-        return bench.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

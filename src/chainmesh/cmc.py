@@ -21,35 +21,79 @@ from typing import Any
 
 import jax
 import numpy as np
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import Messenger
 
+from chainmesh.batch import BatchSampler
+from chainmesh.cache import COMPILE_LOCK
 from chainmesh.combine import COMBINERS
 from chainmesh.diagnostics import ess_bulk, r_hat
 from chainmesh.mesh import ShardPlan
 from chainmesh.result import Result
-from chainmesh.sampler import Sampler
 
 
 class temper_prior(Messenger):
-    """Raise the prior to a power: scales the log density of latent sites.
+    """Raise the prior of the shared latent sites to a power.
 
-    Observed sites and ``numpyro.factor`` terms (observed) keep weight 1.
+    Scales the log density of every latent sample site except those named in
+    ``local``: a local latent (one value per data row of a shard) belongs to
+    one shard only, so its prior is not split between shards. Observed sites
+    and ``numpyro.factor`` terms (observed) keep weight 1.
     """
 
-    def __init__(self, fn: Callable | None = None, power: float = 1.0) -> None:
+    def __init__(
+        self,
+        fn: Callable | None = None,
+        power: float = 1.0,
+        local: frozenset[str] = frozenset(),
+    ) -> None:
         self.power = power
+        self.local = frozenset(local)
         super().__init__(fn)
 
     def process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and not msg["is_observed"]:
-            scale = msg.get("scale")
-            msg["scale"] = self.power if scale is None else self.power * scale
+        if msg["type"] != "sample" or msg["is_observed"] or msg["name"] in self.local:
+            return
+        scale = msg.get("scale")
+        msg["scale"] = self.power if scale is None else self.power * scale
 
 
 @functools.lru_cache(maxsize=64)
-def _tempered(model: Callable, power: float) -> Callable:
-    """One wrapper object per (model, power), so compiled programs are reused."""
-    return temper_prior(model, power=power)
+def _tempered(model: Callable, power: float, local: frozenset[str]) -> Callable:
+    """One wrapper object per (model, power, local), so programs are reused."""
+    return temper_prior(model, power=power, local=local)
+
+
+def local_sites(model: Callable, args: tuple, kwargs: dict) -> frozenset[str]:
+    """Latent sites inside a plate as long as the shard's data rows.
+
+    Such a site holds one value per data row (a local latent): it lives in one
+    shard only. The rows are the leading axis of the first array argument.
+    """
+    leaves = [x for x in jax.tree.leaves((args, kwargs)) if np.ndim(x) > 0]
+    if not leaves:
+        return frozenset()
+    rows = np.shape(leaves[0])[0]
+    found: set[str] = set()
+
+    def record(a: tuple, k: dict) -> None:
+        traced = substitute(seed(model, rng_seed=0), substitute_fn=init_to_uniform)
+        for name, site in trace(traced).get_trace(*a, **k).items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if any(f.size == rows for f in site["cond_indep_stack"]):
+                found.add(name)
+
+    specs = jax.tree.map(_spec, (args, kwargs))
+    with COMPILE_LOCK:
+        jax.eval_shape(record, *specs)
+    return frozenset(found)
+
+
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    dtype = jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), dtype)
 
 
 @dataclasses.dataclass
@@ -108,7 +152,7 @@ def split(*arrays: Any, num_shards: int) -> list[tuple]:
 
 
 def _stack(data_shards: Sequence[Any], total: int) -> tuple[tuple, dict]:
-    """Stack K shards' args to leading-axis arrays; pad with copies of shard 0."""
+    """Stack K shards' args to leading-axis arrays (``total`` of them)."""
     if not isinstance(data_shards, Sequence) or len(data_shards) < 1:
         raise TypeError("data_shards must be a non-empty list, one entry per shard")
     trees = [(s, {}) if isinstance(s, tuple) else ((), s) for s in data_shards]
@@ -165,6 +209,8 @@ def sample(
     combiner: str | Callable = "consensus",
     devices: Any = None,
     init_params: Mapping[str, Any] | None = None,
+    local: Sequence[str] | None = None,
+    resume: bool = False,
     **config: Any,
 ) -> CMCResult:
     """Sample every shard's sub-posterior in one SPMD call and combine them.
@@ -174,12 +220,16 @@ def sample(
         data_shards: K shards, each a tuple of positional args or a dict of
             keyword args, all of the same shapes (see ``split``).
         seed: Shard ``k``, chain ``i`` uses ``fold_in(fold_in(key, k), i)``.
-        prior_power: Exponent of the prior in each sub-posterior; default
-            ``1 / K``.
+        prior_power: Exponent of the shared sites' prior in each
+            sub-posterior; default ``1 / K``.
         combiner: ``"consensus"``, ``"robust"``, ``"concat"`` or a callable
             ``(list of (draws, dim) arrays) -> (combined, weights)``.
         devices: As for ``Sampler``; shards take mesh rows, chains columns.
         init_params: As for ``Sampler.run`` (shared by all shards).
+        local: Latent sites that belong to one shard (neither tempered nor
+            combined); None finds them: sites inside a plate as long as the
+            shard's data rows (``local_sites``).
+        resume: Continue from the checkpoint in ``checkpoint_dir``.
         **config: ``Sampler`` options (num_chains, num_warmup, ...).
     """
     k = len(data_shards) if isinstance(data_shards, Sequence) else 0
@@ -191,28 +241,23 @@ def sample(
     combine = COMBINERS[combiner] if isinstance(combiner, str) else combiner
     if not callable(model):
         raise TypeError(f"model must be a callable, got {type(model).__name__}")
-    sampler = Sampler._for_shards(
-        _tempered(model, power), max(k, 1), devices=devices, **config
-    )
-    args, kwargs = _stack(data_shards, sampler.shards.total_shards)
-    out, extra, stats = sampler._sample(seed, args, kwargs, init_params)
-    shards = [
-        Result(
-            {n: v[j] for n, v in out.draws.items()},
-            {n: v[j] for n, v in extra.items()},
-            sampler.plan,
-            stats,
-        )
-        for j in range(k)
-    ]
-    latent = {n: tuple(sampler.info.latent[n]) for n in sorted(sampler.info.latent)}
-    names = list(latent)
-    flat, weights = combine([_flatten(r.samples, names) for r in shards])
+    args, kwargs = _stack(data_shards, k)
+    if local is None:
+        one = jax.tree.map(lambda x: x[0], (args, kwargs))
+        local = local_sites(model, *one)
+    tempered = _tempered(model, power, frozenset(local))
+    sampler = BatchSampler(tempered, max(k, 1), devices=devices, **config)
+    out = sampler.run(seed, *args, init_params=init_params, resume=resume, **kwargs)
+    info = sampler.info.latent
+    shared = {n: tuple(info[n]) for n in sorted(info) if n not in tempered.local}
+    names = list(shared)
+    draws = [_flatten(r.samples, names) for r in out.results]
+    flat, weights = combine(draws) if names else (np.empty((0, 0)), np.ones(k) / k)
     return CMCResult(
-        shards=shards,
-        combined=_unflatten(flat, latent),
+        shards=out.results,
+        combined=_unflatten(flat, shared) if names else {},
         weights=np.asarray(weights),
-        diagnostics=[_shard_diagnostics(r) for r in shards],
+        diagnostics=[_shard_diagnostics(r) for r in out.results],
         plan=sampler.shards,
-        stats=stats,
+        stats=out.stats,
     )

@@ -27,14 +27,21 @@ DEFAULT_CHUNK_DRAWS = 100
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Static configuration of a sampler; every field is part of the cache key.
+    """Configuration of a sampler, validated when it is built.
+
+    The fields a compiled program depends on (warmup length, adaptation
+    target, tree depth, mass matrix, init strategy, chunk size, inner
+    strategy) are part of the program cache key; the others (lengths of the
+    sampling phase, thinning, progress bar, checkpoints, store, data check,
+    gather) are runtime choices of the host loop and reuse the same programs.
 
     Args:
         num_chains: Number of chains returned (padding chains are extra).
         num_warmup: Warmup (adaptation) transitions per chain.
-        num_samples: Draws kept per chain.
+        num_samples: Transitions per chain after warmup.
         thinning: Keep every ``thinning``-th transition (NumPyro's meaning):
-            ``num_samples * thinning`` transitions run after warmup.
+            ``num_samples`` transitions run after warmup and
+            ``num_samples // thinning`` draws are kept.
         target_accept_prob: Dual-averaging target in (0, 1).
         max_tree_depth: Maximum NUTS tree depth.
         dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.

@@ -3,7 +3,7 @@
 R-hat, bulk and tail ESS follow the rank-normalized split definitions that
 Stan and ArviZ report, with Stan's autocorrelation estimator (Geyer's initial
 monotone sequence plus Stan's last-term correction), so the numbers agree with
-``az.rhat`` / ``az.ess``.
+``az.rhat`` / ``az.ess`` (R-hat of a single chain is NaN, as in ArviZ).
 """
 
 from __future__ import annotations
@@ -97,9 +97,12 @@ def ess_tail(x: np.ndarray) -> float:
 
 
 def r_hat(x: np.ndarray) -> float:
-    """Rank-normalized split R-hat: the max of the bulk and the folded version."""
+    """Rank-normalized split R-hat: the max of the bulk and the folded version.
+
+    NaN with fewer than 2 chains or 4 draws (as ArviZ): R-hat compares chains.
+    """
     x = _check(x)
-    if x.shape[1] < 4 or np.ptp(x) == 0:
+    if x.shape[0] < 2 or x.shape[1] < 4 or np.ptp(x) == 0:
         return float("nan")
     bulk = gelman_rubin(_z_scale(_split(x)))
     folded = np.abs(x - np.median(x))

@@ -17,8 +17,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from chainmesh.config import SamplerConfig
-from chainmesh.layout import replicate, to_host
-from chainmesh.program import COUNTERS, ChunkOut
+from chainmesh.placement import replicate, to_host
+from chainmesh.program import COUNTERS, ChunkOut, wide_total
 
 
 class Chunk(NamedTuple):
@@ -49,9 +49,16 @@ def schedule(config: SamplerConfig) -> Iterator[Chunk]:
         yield Chunk("sample", min(size, kept - offset), config.thinning, True, offset)
 
 
+PHASES = ("warmup", "sample")
+
+
 @dataclasses.dataclass
 class RunOutput:
-    """Draws and bookkeeping of one run, real chains only."""
+    """Draws and bookkeeping of one run, real chains only.
+
+    Counters and seconds cover the whole run, the part before a resume
+    included, so rates stay honest after a resume.
+    """
 
     state: Any
     draws: dict[str, np.ndarray]
@@ -63,16 +70,16 @@ class RunOutput:
 
 @dataclasses.dataclass
 class Progress:
-    """Where a run stands: the next chunk, draws kept so far, counters."""
+    """Where a run stands: next chunk, draws kept, counters, seconds per phase."""
 
     next_chunk: int = 0
     filled: int = 0
     counters: dict[str, dict[str, int]] = dataclasses.field(
         default_factory=lambda: {p: dict.fromkeys(COUNTERS, 0) for p in PHASES}
     )
-
-
-PHASES = ("warmup", "sample")
+    seconds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(PHASES, 0.0)
+    )
 
 
 def allocate(store: Any, chunk_program: Any, keep: tuple[int, ...], kept: int) -> None:
@@ -88,6 +95,7 @@ def allocate(store: Any, chunk_program: Any, keep: tuple[int, ...], kept: int) -
 def drive(
     chunk_program: Callable[..., ChunkOut],
     state: Any,
+    real: Any,
     args: tuple,
     kwargs: dict,
     config: SamplerConfig,
@@ -101,6 +109,8 @@ def drive(
     """Run the chunks of ``schedule(config)`` from ``progress`` on.
 
     Args:
+        real: Bool lanes (chains, or shards x chains), placed like the state:
+            False marks padding, which the counters leave out.
         keep: Leading axes kept before the draw axis: ``(num_chains,)``, or
             ``(num_shards, num_chains)`` on a shard mesh; padding is dropped.
         store: Where kept draws go (``MemoryStore`` or ``FileStore``),
@@ -111,7 +121,7 @@ def drive(
     """
     progress = progress or Progress()
     chunks = list(schedule(config))
-    real = tuple(slice(0, k) for k in keep)
+    kept_lanes = tuple(slice(0, k) for k in keep)
     counters = progress.counters
     done = sum(c.n_draws * c.per_draw for c in chunks[: progress.next_chunk])
     bar = tqdm(
@@ -122,16 +132,18 @@ def drive(
         unit="it",
         dynamic_ncols=True,
     )
-    t0 = time.perf_counter()
-    marks = {"warmup": t0}
+    seconds = progress.seconds
+    mark = [time.perf_counter()]
 
     def consume(index: int, chunk: Chunk, out: ChunkOut) -> None:
-        counts = to_host(out.counters).reshape(-1, len(COUNTERS)).sum(axis=0)
+        counts = wide_total(to_host(out.counters))
         for name, value in zip(COUNTERS, counts, strict=True):
-            counters[chunk.phase][name] += int(value)
-        marks[chunk.phase] = time.perf_counter()
+            counters[chunk.phase][name] += value
+        now = time.perf_counter()
+        seconds[chunk.phase] += now - mark[0]
+        mark[0] = now
         if chunk.collect:
-            window = (*real, slice(0, chunk.n_draws))
+            window = (*kept_lanes, slice(0, chunk.n_draws))
             for group in ("draws", "extra"):
                 for name, x in getattr(out, group).items():
                     values = to_host(x)[window]
@@ -149,6 +161,7 @@ def drive(
             chunk = chunks[index]
             out = chunk_program(
                 state,
+                real,
                 scalar(chunk.n_draws, np.int32),
                 scalar(chunk.per_draw, np.int32),
                 scalar(chunk.collect, np.bool_),
@@ -170,16 +183,16 @@ def drive(
                 consume(*pending)
                 pending = None
                 checkpoint(progress, state)
+                mark[0] = time.perf_counter()  # writing it is not sampling time
         if pending is not None:
             consume(*pending)
     finally:
         bar.close()
-    warmup_end = marks["warmup"] if config.num_warmup else t0
     return RunOutput(
         state=state,
         draws=store.read("draws"),
         extra=store.read("extra"),
         counters=counters,
-        warmup_s=warmup_end - t0,
-        sampling_s=marks["sample"] - warmup_end,
+        warmup_s=seconds["warmup"],
+        sampling_s=seconds["sample"],
     )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 
 from chainmesh.diagnostics import format_summary, lockstep_efficiency, summarize
-from chainmesh.layout import flatten_chains
 from chainmesh.mesh import ChainPlan
+from chainmesh.placement import flatten_chains
 
 
 @dataclasses.dataclass
@@ -98,7 +99,12 @@ class Result:
 
 
 def run_stats(out: Any, compile_s: float, compilations: int, init_s: float) -> dict:
-    """The ``Result.stats`` dict of a run (``out`` is the driver's output)."""
+    """The ``Result.stats`` dict of a run (``out`` is the driver's output).
+
+    Counts cover real chains only and every transition (thinned ones too);
+    ``lockstep_steps`` is what the devices paid, padding lanes included.
+    Seconds and counts of a resumed run include the part before the resume.
+    """
     sample, warm = out.counters["sample"], out.counters["warmup"]
     return {
         "compile_s": compile_s,
@@ -116,5 +122,7 @@ def run_stats(out: Any, compile_s: float, compilations: int, init_s: float) -> d
         ),
         "leapfrog_steps_warmup": warm["leapfrog_steps"],
         "divergences": sample["divergences"],
-        "gradients_per_s": sample["leapfrog_steps"] / max(out.sampling_s, 1e-9),
+        "gradients_per_s": (
+            sample["leapfrog_steps"] / out.sampling_s if out.sampling_s else math.nan
+        ),
     }

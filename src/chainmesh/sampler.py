@@ -1,33 +1,39 @@
-"""``Sampler``: configuration, plan and mesh, plus the program cache lookup."""
+"""``Sampler``: configuration, chain plan and mesh; one run = init + chunks."""
 
 from __future__ import annotations
 
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from numpyro.infer.hmc import HMCState
 
-from chainmesh import checkpoint, layout
+from chainmesh import checkpoint, placement
+from chainmesh.cache import CACHE, COMPILE_LOCK, signature
 from chainmesh.config import SamplerConfig, resolve_init_strategy
-from chainmesh.driver import allocate, drive
-from chainmesh.init import layout_init_params, root_key
-from chainmesh.kernel import build_nuts
-from chainmesh.mesh import (
-    ShardPlan,
-    chain_mesh,
-    plan_chains,
-    plan_shards,
-    resolve_devices,
-    shard_mesh,
-)
+from chainmesh.driver import RunOutput, allocate, drive
+from chainmesh.kernels.nuts import build_nuts
+from chainmesh.keys import layout_init_params, root_key
+from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
 from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
-from chainmesh.program import CACHE, Programs, compile_chunk, compile_init
+from chainmesh.program import Programs, compile_chunk, compile_init
 from chainmesh.result import Result, run_stats
 from chainmesh.store import FileStore, MemoryStore, NullStore
+from chainmesh.validation import as_program_args, check_directory, check_finite
+
+
+class _Started(NamedTuple):
+    """A run after its init program: programs, placed data, initial state."""
+
+    programs: Programs
+    data: tuple
+    state: HMCState
+    compile_s: float
+    compilations: int
+    init_s: float
 
 
 class Sampler:
@@ -124,23 +130,22 @@ class Sampler:
         )
         if checkpoint_dir is not None:
             checkpoint.check_writable(checkpoint_dir, 0)
-        self.shards: ShardPlan | None = None
+        if store is not None:
+            check_directory("store", store)
         self.info: ModelInfo | None = None  # the model's sites, after a run
         self.plan = plan_chains(num_chains, resolve_devices(devices))
         self.mesh = chain_mesh(self.plan)
 
-    @classmethod
-    def _for_shards(
-        cls, model: Callable, num_shards: int, devices: Any = None, **config: Any
-    ) -> Sampler:
-        """A sampler whose data carry a leading shard axis, on a 2-D mesh."""
-        sampler = cls(model, devices=devices, **config)
-        sampler.shards = plan_shards(
-            num_shards, sampler.config.num_chains, resolve_devices(devices)
-        )
-        sampler.plan = sampler.shards.chains
-        sampler.mesh = shard_mesh(sampler.shards)
-        return sampler
+    # Data sets on a leading axis (``BatchSampler``) set these three.
+    _batched = False
+
+    def _keep(self) -> tuple[int, ...]:
+        """Leading axes of what the user gets: ``(num_chains,)``."""
+        return (self.config.num_chains,)
+
+    def _lanes(self) -> np.ndarray:
+        """Bool per lane that runs (padding included): True for real ones."""
+        return np.arange(self.plan.total_chains) < self.plan.num_chains
 
     def _cache_key(self, data_signature: tuple) -> tuple:
         c = self.config
@@ -182,8 +187,7 @@ class Sampler:
         Returns:
             The draws of ``num_chains`` chains with extra fields and stats.
         """
-        if self.shards is not None:
-            raise TypeError("this sampler runs data shards: use chainmesh.cmc.sample")
+        args, kwargs = as_program_args(args, kwargs)
         out, extra, stats = self._sample(seed, args, kwargs, init_params, resume)
         return Result(
             out.draws,
@@ -196,32 +200,52 @@ class Sampler:
             model_kwargs=kwargs,
         )
 
+    def init(
+        self,
+        seed: int | jax.Array = 0,
+        *args: Any,
+        init_params: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> HMCState:
+        """The initial NUTS state of every chain, sharded on the mesh.
+
+        Same arguments as ``run``. The leading axis holds all chains that run,
+        padding chains last; ``state.z`` is in unconstrained space.
+        """
+        args, kwargs = as_program_args(args, kwargs)
+        return self._start(seed, args, kwargs, init_params).state
+
     def _sample(
-        self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume=False
-    ):
-        programs, data, state, timing = self._init(seed, args, kwargs, init_params)
+        self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume: bool
+    ) -> tuple[RunOutput, dict, dict]:
+        """Init, then every chunk: the whole run on converted arguments."""
+        started = self._start(seed, args, kwargs, init_params)
+        programs, data, state = started.programs, started.data, started.state
         config, mesh = self.config, self.mesh
-        compile_s, compilations, init_s = timing
-        if programs.chunk is None:
-            t0 = time.perf_counter()
-            scalars = [
-                layout.replicate(np.asarray(v, dtype=t), mesh)
-                for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
-            ]
-            programs.chunk = compile_chunk(
-                self.model,
-                programs.kernel,
-                config.inner,
-                config.chunk,
-                mesh,
-                (state, *scalars, *data),
-                sharded=self.shards is not None,
-            )
-            compile_s += time.perf_counter() - t0
-            compilations += 1
-        keep = (config.num_chains,)
-        if self.shards is not None:
-            keep = (self.shards.num_shards, *keep)
+        compile_s, compilations = started.compile_s, started.compilations
+        lanes = self._lanes()
+        real = (placement.shard_data if self._batched else placement.shard_chains)(
+            lanes, mesh
+        )
+        with COMPILE_LOCK:
+            if programs.chunk is None:
+                t0 = time.perf_counter()
+                scalars = [
+                    placement.replicate(np.asarray(v, dtype=t), mesh)
+                    for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
+                ]
+                programs.chunk = compile_chunk(
+                    self.model,
+                    programs.kernel,
+                    config.inner,
+                    config.chunk,
+                    mesh,
+                    (state, real, *scalars, *data),
+                    sharded=self._batched,
+                )
+                compile_s += time.perf_counter() - t0
+                compilations += 1
+        keep = self._keep()
         kept = config.num_samples // config.thinning
         store = FileStore(config.store, resume) if config.store else MemoryStore()
         if config.gather == "main" and jax.process_index() != 0:
@@ -244,6 +268,7 @@ class Sampler:
             out = drive(
                 programs.chunk,
                 state,
+                real,
                 *data,
                 config,
                 mesh,
@@ -256,28 +281,16 @@ class Sampler:
         finally:
             if isinstance(store, FileStore):
                 store.close()
-        stats = run_stats(out, compile_s, compilations, init_s)
+        stats = run_stats(out, compile_s, compilations, started.init_s)
         extra = dict(out.extra)
         if extra:
             extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
-            stats["divergences"] = int(np.sum(extra["diverging"]))  # real chains
         return out, extra, stats
 
-    def init(
-        self,
-        seed: int | jax.Array = 0,
-        *args: Any,
-        init_params: Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> HMCState:
-        """The initial NUTS state of every chain, sharded on the mesh.
-
-        Same arguments as ``run``. The leading axis holds all chains that run,
-        padding chains last; ``state.z`` is in unconstrained space.
-        """
-        return self._init(seed, args, kwargs, init_params)[2]
-
-    def _init(self, seed: Any, args: tuple, kwargs: dict, init_params: Any):
+    def _start(
+        self, seed: Any, args: tuple, kwargs: dict, init_params: Any
+    ) -> _Started:
+        """Validate and place the data, find or build the programs, run init."""
         config, plan, mesh = self.config, self.plan, self.mesh
         if config.init_strategy == "init_to_value" and init_params is None:
             raise ValueError(
@@ -285,22 +298,17 @@ class Sampler:
                 "value); pass them, or choose another init_strategy"
             )
         if config.check_data:
-            layout.check_finite(args, kwargs)
-        place = layout.replicate if self.shards is None else layout.shard_data
-        try:
-            data = place((args, kwargs), mesh)
-        except TypeError as err:
-            raise TypeError(
-                "model arguments must be arrays, numbers or pytrees of them (they "
-                f"are arguments of the compiled program): {err}"
-            ) from None
-        cache_key = self._cache_key(layout.signature(data))
-        programs = CACHE.get(cache_key)
-        if programs is None:
-            info = inspect_model(self.model, *self._one_shard(data))
-            kernel = build_nuts(self.model, config, info)
-            programs = Programs(info=info, kernel=kernel)
-            CACHE.put(cache_key, programs)
+            check_finite(args, kwargs)
+        place = placement.shard_data if self._batched else placement.replicate
+        data = place((args, kwargs), mesh)
+        cache_key = self._cache_key(signature(data))
+        with COMPILE_LOCK:
+            programs = CACHE.get(cache_key)
+            if programs is None:
+                info = inspect_model(self.model, *self._one_dataset(data))
+                kernel = build_nuts(self.model, config, info)
+                programs = Programs(info=info, kernel=kernel)
+                CACHE.put(cache_key, programs)
         self.info = programs.info
         dtype = np.dtype(jax.numpy.result_type(float))
         values = layout_init_params(
@@ -313,65 +321,61 @@ class Sampler:
                 "init_to_uniform (NumPyro's init_to_value fallback). Pass values "
                 "for them, or pick init_strategy='init_to_median' to fill them in",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         key = root_key(seed)
         chains = np.arange(plan.total_chains, dtype=np.int32)
         init_args = (
-            layout.replicate(key, mesh),
-            layout.shard_chains(chains, mesh),
-            layout.shard_chains(values, mesh),
+            placement.replicate(key, mesh),
+            placement.shard_chains(chains, mesh),
+            placement.shard_chains(values, mesh),
             *data,
         )
-        if self.shards is not None:
-            shards = np.arange(self.shards.total_shards, dtype=np.int32)
-            init_args = (init_args[0], layout.shard_data(shards, mesh), *init_args[1:])
+        if self._batched:
+            shards = np.arange(len(self._lanes()), dtype=np.int32)
+            shards = placement.shard_data(shards, mesh)
+            init_args = (init_args[0], shards, *init_args[1:])
         compile_s, compilations = 0.0, 0
-        values_key = layout.signature(values)
-        if values_key not in programs.inits:
-            t0 = time.perf_counter()
-            strategy = resolve_init_strategy(config.init_strategy)
-            programs.inits[values_key] = compile_init(
-                programs.kernel,
-                strategy,
-                config.inner,
-                mesh,
-                init_args,
-                sharded=self.shards is not None,
-            )
-            compile_s, compilations = time.perf_counter() - t0, 1
+        values_key = signature(values)
+        with COMPILE_LOCK:
+            if values_key not in programs.inits:
+                t0 = time.perf_counter()
+                strategy = resolve_init_strategy(config.init_strategy)
+                programs.inits[values_key] = compile_init(
+                    programs.kernel,
+                    strategy,
+                    config.inner,
+                    mesh,
+                    init_args,
+                    sharded=self._batched,
+                )
+                compile_s, compilations = time.perf_counter() - t0, 1
         t0 = time.perf_counter()
         state, valid = programs.inits[values_key](*init_args)
-        self._check_init(state, layout.to_host(valid), data)
-        return (
-            programs,
-            data,
-            state,
-            (compile_s, compilations, time.perf_counter() - t0),
-        )
+        self._check_init(state, placement.to_host(valid), data)
+        init_s = time.perf_counter() - t0
+        return _Started(programs, data, state, compile_s, compilations, init_s)
 
-    def _one_shard(self, data: tuple) -> tuple:
-        """Data as the model sees them: without the shard axis, if any."""
-        if self.shards is None:
+    def _one_dataset(self, data: tuple) -> tuple:
+        """Data as the model sees them: without the data-set axis, if any."""
+        if not self._batched:
             return data
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
 
     def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
-        keep = (self.plan.num_chains,)
-        if self.shards is not None:
-            keep = (self.shards.num_shards, *keep)
-        real = tuple(slice(0, k) for k in keep)
+        real = tuple(slice(0, k) for k in self._keep())
         bad = np.argwhere(~valid[real])
         if bad.size == 0:
             return
         first = tuple(int(i) for i in bad[0])
-        z = {k: layout.to_host(v)[first] for k, v in state.z.items()}
-        if self.shards is not None:
-            data = jax.tree.map(lambda x: layout.to_host(x)[first[0]], data)
-            where_chain = f"(shard, chain) {[tuple(map(int, b)) for b in bad]}"
+        z = {k: placement.to_host(v)[first] for k, v in state.z.items()}
+        if self._batched:
+            data = jax.tree.map(lambda x: placement.to_host(x)[first[0]], data)
+            where_chain = f"(data set, chain) {[tuple(map(int, b)) for b in bad]}"
         else:
             where_chain = f"chains {bad[:, 0].tolist()}"
-        sites = nonfinite_sites(self.model, *data, z)
+        with COMPILE_LOCK:  # traces the model eagerly
+            sites = nonfinite_sites(self.model, *data, z)
         where = f"at sites {sites}" if sites else "(its gradient is not finite)"
         raise ValueError(
             f"no valid initial point for {where_chain}: the log density is "

@@ -1,4 +1,4 @@
-"""Chain-axis arrays: placement on the mesh and the reshapes that name axes."""
+"""Placement of pytrees on the mesh, and the chain-axis reshapes that name axes."""
 
 from __future__ import annotations
 
@@ -59,16 +59,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def signature(tree: Any) -> tuple:
-    """Hashable (structure, shapes, dtypes, weak types) of a pytree of arrays."""
-    leaves, treedef = jax.tree.flatten(tree)
-    avals = tuple(
-        (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
-        for x in leaves
-    )
-    return treedef, avals
-
-
 def device_blocks(x: np.ndarray, num_devices: int) -> np.ndarray:
     """Split a chain-major array into per-device blocks: ``(dev, c, ...)``."""
     return rearrange(x, "(dev c) ... -> dev c ...", dev=num_devices)
@@ -77,21 +67,3 @@ def device_blocks(x: np.ndarray, num_devices: int) -> np.ndarray:
 def flatten_chains(x: np.ndarray) -> np.ndarray:
     """NumPyro's flat layout: ``(chains, draws, ...) -> (chains * draws, ...)``."""
     return rearrange(x, "c d ... -> (c d) ...")
-
-
-def check_finite(args: tuple, kwargs: dict) -> None:
-    """Refuse NaN/inf in floating-point model arguments, naming the argument.
-
-    Raises:
-        ValueError: Some argument holds a non-finite value.
-    """
-    for path, leaf in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]:
-        arr = np.asarray(leaf)
-        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
-            where = "args" if path[0].idx == 0 else "kwargs"
-            name = where + jax.tree_util.keystr(path[1:])
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise ValueError(
-                f"model argument {name} holds {bad} NaN/inf value(s); remove or "
-                "impute them (or mask them in the model and pass check_data=False)"
-            )

@@ -1,4 +1,4 @@
-"""One benchmark measurement in a fresh process: ``python -m chainmesh.bench_worker``.
+"""One benchmark measurement in a fresh process: ``python -m chainmesh.bench.worker``.
 
 The parent (``chainmesh.bench``) sets ``XLA_FLAGS`` (device count, threading)
 before this process starts JAX, passes the job as one JSON argument, and reads
@@ -33,7 +33,7 @@ import jax
 import jax.monitoring
 import numpy as np
 
-from chainmesh.bench_models import bench_data, raw_gradient_rate
+from chainmesh.bench.models import bench_data, raw_gradient_rate
 
 RESULT_PREFIX = "BENCH_RESULT "
 NUMPYRO_METHODS = {
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "--json-args":
         print(
-            "usage: python -m chainmesh.bench_worker --json-args JOB", file=sys.stderr
+            "usage: python -m chainmesh.bench.worker --json-args JOB", file=sys.stderr
         )
         return 2
     job = json.loads(argv[1])

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from chainmesh.bench_worker import NUMPYRO_METHODS
+from chainmesh.bench.worker import NUMPYRO_METHODS
 
 LABELS = {
     "chainmesh": "chainmesh (vmap)",

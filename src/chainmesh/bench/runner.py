@@ -1,10 +1,10 @@
 """``chainmesh bench``: chainmesh against NumPyro over a sweep of host devices.
 
 Every (devices, chains, method) measurement runs in its own Python process
-(``chainmesh.bench_worker``) whose ``XLA_FLAGS`` this module sets before the
+(``chainmesh.bench.worker``) whose ``XLA_FLAGS`` this module sets before the
 process starts, so the device count is real and each method's compilations
 and peak RSS are its own. Results go to ``results.json``; ``results.md`` and
-``scaling.png`` are made from it by ``chainmesh.bench_report``.
+``scaling.png`` are made from it by ``chainmesh.bench.report``.
 
 Example:
     chainmesh bench --model logistic --devices 1,2 --chains 8 --single-thread
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chainmesh.bench_host import environment, wait_for_quiet
-from chainmesh.bench_models import BENCH_MODELS
-from chainmesh.bench_worker import RESULT_PREFIX
+from chainmesh.bench.host import environment, wait_for_quiet
+from chainmesh.bench.models import BENCH_MODELS
+from chainmesh.bench.worker import RESULT_PREFIX
 
 METHODS = (
     "chainmesh",
@@ -93,7 +93,7 @@ def worker_env(devices: int, single_thread: bool) -> dict[str, str]:
 
 def run_worker(job: dict, env: dict[str, str], timeout: float) -> dict:
     """Run one job in a fresh process; return its status and metrics."""
-    cmd = [sys.executable, "-m", "chainmesh.bench_worker", "--json-args"]
+    cmd = [sys.executable, "-m", "chainmesh.bench.worker", "--json-args"]
     try:
         proc = subprocess.run(
             [*cmd, json.dumps(job)],
@@ -329,7 +329,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; write the three files."""
-    from chainmesh.bench_report import write_report
+    from chainmesh.bench.report import write_report
 
     for name in ("warmup", "samples", "repeats"):
         if getattr(args, name) < 1:

@@ -1,0 +1,65 @@
+"""The process-wide cache of compiled programs and the keys it is looked up by."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def signature(tree: Any) -> tuple:
+    """Hashable (structure, shapes, dtypes, weak types) of a pytree of arrays."""
+    leaves, treedef = jax.tree.flatten(tree)
+    avals = tuple(
+        (tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))
+        for x in leaves
+    )
+    return treedef, avals
+
+
+class ProgramCache:
+    """A small LRU of compiled programs, keyed by everything they depend on."""
+
+    def __init__(self, maxsize: int = 16) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        """The programs for ``key``, marked as recently used, or None."""
+        programs = self._entries.get(key)
+        if programs is not None:
+            self._entries.move_to_end(key)
+        return programs
+
+    def put(self, key: Any, programs: Any) -> None:
+        """Store ``programs``; drop the least recently used beyond ``maxsize``."""
+        self._entries[key] = programs
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+
+    def clear(self, model: Callable | None = None) -> None:
+        """Drop every entry, or only those of ``model``."""
+        if model is None:
+            self._entries.clear()
+            return
+        for key in [k for k in self._entries if k[0] == model]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+CACHE = ProgramCache()
+"""Process-wide cache shared by all samplers (so ``cm.sample`` is warm too)."""
+
+COMPILE_LOCK = threading.RLock()
+"""Held while a model is traced or a program compiled.
+
+NumPyro's effect handlers live on one global stack, so two threads tracing
+models at once corrupt each other's traces. Tracing and compilation hold this
+lock (two threads asking for the same program compile it once); running a
+compiled program does not, so warm calls from many threads run concurrently.
+"""
