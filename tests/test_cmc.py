@@ -142,3 +142,50 @@ def test_concat_and_bad_input(data):
         cmc.sample(regression, shards, prior_power=0.0, **CONFIG)
     out = cmc.sample(regression, shards, combiner="concat", **CONFIG)
     assert out.combined["beta"].shape == (K * 4 * 500, 3)
+
+
+def random_effects(x, y, mask=None):
+    """A shared mean and one local effect per data row (a local latent)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, TAU))
+    with numpyro.plate("rows", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        with numpyro.handlers.mask(mask=True if mask is None else mask > 0):
+            numpyro.sample("y", dist.Normal(mu + x * z, SIGMA), obs=y)
+
+
+def test_only_shared_sites_are_tempered():
+    x, y = np.ones(6, np.float32), np.arange(6.0, dtype=np.float32)
+    assert cmc.local_sites(random_effects, (x, y), {}) == {"z"}
+    assert cmc.local_sites(regression, (np.ones((6, 3)), y, np.ones(6)), {}) == set()
+    tempered = cmc.temper_prior(random_effects, power=0.25, local=frozenset({"z"}))
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(tempered, 0)).get_trace(x, y)
+    assert tr["mu"]["scale"] == 0.25
+    assert tr["z"]["scale"] is None and tr["y"]["scale"] is None
+
+
+def test_local_latents_are_neither_tempered_nor_combined():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=40).astype(np.float32)
+    y = (0.5 + x * rng.normal(size=40)).astype(np.float32)
+    out = cmc.sample(
+        random_effects,
+        cmc.split(x, y, num_shards=2)[:2],
+        seed=0,
+        **{**CONFIG, "num_samples": 200},
+    )
+    assert set(out.combined) == {"mu"}
+    assert out.shards[0].samples["z"].shape == (4, 200, 20)
+
+
+def test_keyword_data_and_resume(tmp_path, data):
+    """Shards as dicts of keyword arguments; a CMC run resumes its checkpoint."""
+    shards = [{"X": X, "y": y, "mask": m} for X, y, m in cmc.split(*data, num_shards=K)]
+    config = {**CONFIG, "num_samples": 100, "chunk_size": 50}
+    positional = cmc.sample(regression, cmc.split(*data, num_shards=K), **config)
+    keyword = cmc.sample(regression, shards, checkpoint_dir=str(tmp_path), **config)
+    np.testing.assert_array_equal(keyword.combined["beta"], positional.combined["beta"])
+    resumed = cmc.sample(
+        regression, shards, checkpoint_dir=str(tmp_path), resume=True, **config
+    )
+    np.testing.assert_array_equal(resumed.combined["beta"], keyword.combined["beta"])
+    assert resumed.stats["leapfrog_steps"] == keyword.stats["leapfrog_steps"]

@@ -1,13 +1,17 @@
 """The sampler end to end: layout, reproducibility, compile reuse, stats."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from models import linreg, linreg_data, normal_mean, normal_mean_posterior, scale_model
 
 import chainmesh as cm
-from chainmesh.kernel import EXTRA_FIELDS
-from chainmesh.layout import device_blocks
+from chainmesh.kernels.nuts import EXTRA_FIELDS
+from chainmesh.placement import device_blocks
+from chainmesh.program import COUNTERS, _add_wide, wide_total
 
 Y = np.random.default_rng(1).normal(2.0, 1.0, size=25).astype(np.float32)
 FAST = {"num_warmup": 150, "num_samples": 100, "progress_bar": False}
@@ -94,30 +98,116 @@ def test_thinning_keeps_every_kth_transition():
     )
 
 
-def test_lockstep_accounting():
-    result = cm.Sampler(normal_mean, num_chains=8, devices=4, **FAST).run(0, Y)
-    steps = result.extra["num_steps"].astype(np.int64)
-    assert result.stats["leapfrog_steps"] == steps.sum()
-    lockstep = 2 * device_blocks(steps, 4).max(axis=1).sum()
-    assert result.stats["lockstep_steps"] == lockstep
-    assert result.stats["lockstep_efficiency"] == pytest.approx(steps.sum() / lockstep)
-    assert 0 < result.stats["lockstep_efficiency"] <= 1
+def test_stats_leave_padding_chains_out():
+    """10 chains on 4 devices run 2 padding chains: chains 10 and 11 of the
+    same seed, in blocks of 3, exactly as a 12-chain run does."""
+    ten = cm.Sampler(normal_mean, num_chains=10, devices=4, **FAST).run(0, Y)
+    twelve = cm.Sampler(normal_mean, num_chains=12, devices=4, **FAST).run(0, Y)
+    np.testing.assert_array_equal(ten.samples["mu"], twelve.samples["mu"][:10])
+    steps = twelve.extra["num_steps"].astype(np.int64)
+    assert ten.stats["leapfrog_steps"] == steps[:10].sum() < steps.sum()
+    assert twelve.stats["leapfrog_steps"] == steps.sum()
+    paid = 3 * device_blocks(steps, 4).max(axis=1).sum()
+    assert ten.stats["lockstep_steps"] == twelve.stats["lockstep_steps"] == paid
+    assert ten.stats["lockstep_efficiency"] == pytest.approx(steps[:10].sum() / paid)
+    assert ten.stats["divergences"] == twelve.extra["diverging"][:10].sum()
 
 
-def test_inner_map_samples_the_same_posterior():
+def test_inner_map_pays_for_padding_lanes_only():
+    """Under lax.map no chain waits for another: the device pays every lane's
+    own steps, padding lanes included, and nothing more."""
+    kw = {"devices": 4, "inner": "map", **FAST}
+    ten = cm.Sampler(normal_mean, num_chains=10, **kw).run(0, Y)
+    twelve = cm.Sampler(normal_mean, num_chains=12, **kw).run(0, Y)
+    steps = twelve.extra["num_steps"].astype(np.int64)
+    assert ten.stats["leapfrog_steps"] == steps[:10].sum()
+    assert ten.stats["lockstep_steps"] == steps.sum()
+    assert twelve.stats["lockstep_efficiency"] == 1.0
+    assert ten.stats["lockstep_efficiency"] == pytest.approx(
+        steps[:10].sum() / steps.sum()
+    )
+
+
+def test_stats_count_thinned_transitions():
+    kw = {**FAST, "num_chains": 4, "devices": 2}
+    full = cm.Sampler(nan_beyond_one, **kw).run(0, np.float32(1.0))
+    thinned = cm.Sampler(nan_beyond_one, thinning=4, **kw).run(0, np.float32(1.0))
+    steps, diverging = full.extra["num_steps"], full.extra["diverging"]
+    assert thinned.stats["leapfrog_steps"] == steps.astype(np.int64).sum()
+    assert thinned.stats["divergences"] == diverging.sum()
+    assert thinned.stats["divergences"] > thinned.extra["diverging"].sum() > 0
+
+
+def test_counters_do_not_overflow_int32():
+    """4096 chains x 1023 steps x 100 draws overflows int32; two words do not."""
+    per_step = 2**31 - 2**20 - 1  # the largest a transition may add
+
+    @jax.jit
+    def count(acc):
+        step = jnp.full(len(COUNTERS), per_step, jnp.int32)
+        return jax.lax.fori_loop(0, 1000, lambda _, a: _add_wide(a, step), acc)
+
+    words = count(jnp.zeros((len(COUNTERS), 2), jnp.int32))
+    assert wide_total(words) == [1000 * per_step] * len(COUNTERS)
+    assert wide_total(np.stack([words, words])) == [2000 * per_step] * len(COUNTERS)
+
+
+def nan_beyond_one(scale):
+    """A standard normal whose density is NaN for x > 1: divergences."""
+    x = numpyro.sample("x", dist.Normal(0.0, scale))
+    numpyro.factor("hole", jnp.where(x > 1.0, jnp.nan, 0.0))
+
+
+def correlated(cov):
+    numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
+
+
+def test_dense_mass_learns_the_covariance():
+    sd = np.array([1.0, 10.0, 0.1])
+    corr = np.array([[1.0, 0.95, -0.5], [0.95, 1.0, -0.6], [-0.5, -0.6, 1.0]])
+    cov = (corr * np.outer(sd, sd)).astype(np.float32)
     result = cm.Sampler(
-        normal_mean,
-        num_chains=8,
+        correlated,
+        num_chains=4,
         devices=4,
-        inner="map",
-        num_warmup=300,
-        num_samples=500,
+        dense_mass=True,
+        num_warmup=500,
+        num_samples=1000,
         progress_bar=False,
-    ).run(7, Y)
+    ).run(0, cov)
+    x = result.samples["x"].reshape(-1, 3).astype(np.float64)
+    ess = min(cm.diagnostics.ess_bulk(result.samples["x"][..., j]) for j in range(3))
+    assert ess > 1500  # a dense metric makes this Gaussian easy
+    z = (x.mean(0)) / (sd / np.sqrt(ess))
+    assert np.all(np.abs(z) < 4), z
+    found = np.corrcoef(x, rowvar=False)
+    assert np.max(np.abs(found - corr)) < 0.05, found
+    np.testing.assert_allclose(x.std(0), sd, rtol=0.1)
+    (inverse_mass,) = result.state.adapt_state.inverse_mass_matrix.values()
+    assert inverse_mass.shape == (4, 3, 3)  # dense, one per chain
+    for m in np.asarray(inverse_mass, np.float64):  # the metric is the covariance
+        learned = m / np.sqrt(np.outer(np.diag(m), np.diag(m)))
+        assert np.max(np.abs(learned - corr)) < 0.1
+        np.testing.assert_allclose(np.sqrt(np.diag(m)), sd, rtol=0.3)
+
+
+@pytest.mark.parametrize("strategy", ["init_to_sample", "init_to_uniform"])
+def test_init_strategies_end_to_end(strategy):
+    sampler = cm.Sampler(
+        normal_mean, num_chains=4, devices=2, init_strategy=strategy, **FAST
+    )
+    state = sampler.init(0, Y)
+    start = np.asarray(state.z["mu"])
+    assert len(set(start.tolist())) == 4  # each chain starts somewhere else
+    if strategy == "init_to_uniform":
+        assert np.all(np.abs(start) < 2)  # uniform on (-2, 2), unconstrained
+    else:
+        assert np.std(start) > 1  # draws from the N(0, 10) prior
+    result = sampler.run(0, Y)
     exact_mean, exact_sd = normal_mean_posterior(Y)
-    ess = cm.diagnostics.ess_bulk(result.samples["mu"])
-    assert abs(result.samples["mu"].mean() - exact_mean) <= 4 * exact_sd / np.sqrt(ess)
-    assert result.stats["lockstep_efficiency"] == 1.0  # no chain waits for another
+    draws = result.samples["mu"]
+    ess = cm.diagnostics.ess_bulk(draws)
+    assert abs(draws.mean() - exact_mean) <= 4 * exact_sd / np.sqrt(ess)
 
 
 def test_init_params_per_chain_and_broadcast():

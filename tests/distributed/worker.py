@@ -9,9 +9,8 @@ import os
 import sys
 
 import chainmesh as cm
-from chainmesh import distributed
 
-distributed.initialize()
+cm.distributed.initialize()  # the README's spelling
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,11 +28,11 @@ assert result.plan.num_devices == plan.num_devices == len(jax.devices())
 assert result.samples["beta"].shape == (8, 100, 3)  # every process: all draws
 main_only = cm.Sampler(linreg, progress_bar=False, gather="main", **config)
 kept = main_only.run(0, X, y)
-if distributed.is_main_process():
+if cm.distributed.is_main_process():
     np.testing.assert_array_equal(kept.samples["beta"], result.samples["beta"])
 else:
     assert kept.samples == {} and kept.extra == {}
-if distributed.is_main_process():
+if cm.distributed.is_main_process():
     np.savez(
         sys.argv[1],
         processes=jax.process_count(),
