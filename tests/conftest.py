@@ -11,6 +11,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 )
 
+# The disk cache of compiled programs is off unless a test turns it on (with
+# Sampler(cache_dir=...)): compile counts must not depend on earlier runs.
+os.environ["CHAINMESH_CACHE_DIR"] = ""
+
 import contextlib  # noqa: E402
 
 import jax  # noqa: E402

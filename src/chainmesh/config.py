@@ -55,6 +55,9 @@ class SamplerConfig:
             keep them in memory).
         check_data: Refuse NaN/inf in floating-point model arguments.
         gather: Which processes keep the draws: "all" or "main" (process 0).
+        cache_dir: Where compiled programs persist across processes; None:
+            ``$CHAINMESH_CACHE_DIR`` or the user's cache directory; False: off
+            (see ``chainmesh.persistent``).
     """
 
     num_chains: int = 4
@@ -73,6 +76,7 @@ class SamplerConfig:
     store: str | None = None
     check_data: bool = True
     gather: str = "all"
+    cache_dir: str | os.PathLike | bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
@@ -104,6 +108,15 @@ class SamplerConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | os.PathLike):
                 raise TypeError(f"{name} must be a path or None, got {value!r}")
+        if not (
+            self.cache_dir is None
+            or self.cache_dir is False
+            or isinstance(self.cache_dir, str | os.PathLike)
+        ):
+            raise TypeError(
+                "cache_dir must be a directory path, False (no disk cache) or None "
+                f"(the default directory), got {self.cache_dir!r}"
+            )
         if self.gather not in ("all", "main"):
             raise ValueError(f"gather must be 'all' or 'main', got {self.gather!r}")
         if self.inner not in INNER_STRATEGIES:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from numpyro.infer.hmc import HMCState
 
-from chainmesh import checkpoint, placement
+from chainmesh import checkpoint, persistent, placement
 from chainmesh.cache import CACHE, COMPILE_LOCK, signature
 from chainmesh.config import SamplerConfig, resolve_init_strategy
 from chainmesh.driver import RunOutput, allocate, drive
@@ -80,6 +80,9 @@ class Sampler:
         gather: In a multi-process run, ``"all"`` processes keep the full
             draws, or only the ``"main"`` one (process 0; the others return a
             ``Result`` with empty ``samples`` and ``extra``).
+        cache_dir: Directory where compiled programs persist, so a new process
+            loads instead of compiling; None: ``$CHAINMESH_CACHE_DIR`` or
+            ``~/.cache/chainmesh/xla``; False: no disk cache.
 
     Raises:
         ValueError, TypeError: Any bad argument, before anything compiles.
@@ -106,6 +109,7 @@ class Sampler:
         store: str | None = None,
         check_data: bool = True,
         gather: str = "all",
+        cache_dir: str | bool | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable, got {type(model).__name__}")
@@ -127,6 +131,7 @@ class Sampler:
             store=store,
             check_data=check_data,
             gather=gather,
+            cache_dir=cache_dir,
         )
         if checkpoint_dir is not None:
             checkpoint.check_writable(checkpoint_dir, 0)
@@ -219,6 +224,7 @@ class Sampler:
         self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume: bool
     ) -> tuple[RunOutput, dict, dict]:
         """Init, then every chunk: the whole run on converted arguments."""
+        loaded = persistent.hits()
         started = self._start(seed, args, kwargs, init_params)
         programs, data, state = started.programs, started.data, started.state
         config, mesh = self.config, self.mesh
@@ -227,7 +233,7 @@ class Sampler:
         real = (placement.shard_data if self._batched else placement.shard_chains)(
             lanes, mesh
         )
-        with COMPILE_LOCK:
+        with COMPILE_LOCK, persistent.active(config.cache_dir):
             if programs.chunk is None:
                 t0 = time.perf_counter()
                 scalars = [
@@ -281,7 +287,9 @@ class Sampler:
         finally:
             if isinstance(store, FileStore):
                 store.close()
-        stats = run_stats(out, compile_s, compilations, started.init_s)
+        loaded = persistent.hits() - loaded
+        stats = run_stats(out, compile_s, compilations - loaded, started.init_s)
+        stats["programs_from_disk"] = loaded
         extra = dict(out.extra)
         if extra:
             extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
@@ -337,7 +345,7 @@ class Sampler:
             init_args = (init_args[0], shards, *init_args[1:])
         compile_s, compilations = 0.0, 0
         values_key = signature(values)
-        with COMPILE_LOCK:
+        with COMPILE_LOCK, persistent.active(config.cache_dir):
             if values_key not in programs.inits:
                 t0 = time.perf_counter()
                 strategy = resolve_init_strategy(config.init_strategy)
