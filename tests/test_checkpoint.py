@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_child
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from models import RESUME_CONFIG, linreg, linreg_data
 
 import chainmesh as cm
-from chainmesh import checkpoint
+from chainmesh import checkpoint, identity
 
 CHILD = Path(__file__).with_name("checkpoint_child.py")
 X, Y = linreg_data()
@@ -30,9 +33,9 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(a.extra[name], b.extra[name])
 
 
-def _kill_child(directory: Path, stop_at: int, when: str) -> None:
+def _kill_child(directory: Path, stop_at: int, when: str, init: str = "default"):
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), str(stop_at), when],
+        [sys.executable, str(CHILD), str(directory), str(stop_at), when, init],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -138,3 +141,154 @@ def test_streaming_keeps_host_memory_flat(tmp_path):
     assert draws_mb > 120
     saved = peaks["in-memory"]["peak_rss_mb"] - peaks["streamed"]["peak_rss_mb"]
     assert saved > 0.6 * draws_mb
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint by ``_interrupt_after``: the run stops there."""
+
+
+def _interrupt_after(monkeypatch, chunk: int) -> None:
+    original = checkpoint.save_checkpoint
+
+    def save(directory, manifest, progress, *args, **kwargs):
+        original(directory, manifest, progress, *args, **kwargs)
+        if progress["next_chunk"] == chunk:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+
+
+def _record_starts(monkeypatch) -> list[int]:
+    """The chunk each later run starts from (0: the beginning)."""
+    starts, original = [], checkpoint.attach
+
+    def attach(*args, **kwargs):
+        progress, state, save = original(*args, **kwargs)
+        starts.append(0 if progress is None else progress.next_chunk)
+        return progress, state, save
+
+    monkeypatch.setattr(checkpoint, "attach", attach)
+    return starts
+
+
+def test_resume_refuses_a_store_without_the_draws(tmp_path, monkeypatch, uninterrupted):
+    ckpt, store = str(tmp_path / "ckpt"), str(tmp_path / "store")
+
+    def run(store_dir, resume):
+        config = {**RESUME_CONFIG, "checkpoint_dir": ckpt, "store": store_dir}
+        return cm.Sampler(linreg, **config).run(0, X, Y, resume=resume)
+
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 8)
+        with pytest.raises(Interrupted):
+            run(store, False)
+    assert checkpoint.load(ckpt).progress["filled"] == 20
+    with pytest.raises(ValueError, match="draws kept so far are not in the check"):
+        run(None, True)  # the old code resumed with draws [0, 20) all zeros
+    with pytest.raises(ValueError, match=f"pass store='{tmp_path}.*store'"):
+        run(str(tmp_path / "other"), True)
+    starts = _record_starts(monkeypatch)
+    _assert_same(uninterrupted, run(store, True))
+    assert starts == [8]
+
+
+def test_draws_of_a_checkpoint_move_into_a_new_store(
+    tmp_path, monkeypatch, uninterrupted
+):
+    ckpt = str(tmp_path / "ckpt")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 8)
+        with pytest.raises(Interrupted):
+            cm.Sampler(linreg, checkpoint_dir=ckpt, **RESUME_CONFIG).run(0, X, Y)
+    store = str(tmp_path / "store")
+    sampler = cm.Sampler(linreg, checkpoint_dir=ckpt, store=store, **RESUME_CONFIG)
+    resumed = sampler.run(0, X, Y, resume=True)
+    assert isinstance(resumed.samples["beta"], np.memmap)
+    _assert_same(uninterrupted, resumed)
+    assert "draws.beta" not in np.load(Path(ckpt) / "checkpoint.npz").files
+
+
+@pytest.mark.parametrize("init", ["feasible", "value"])
+def test_callable_init_strategy_resumes_in_a_fresh_process(tmp_path, monkeypatch, init):
+    _kill_child(tmp_path, 8, "after", init)
+    starts = _record_starts(monkeypatch)
+    resumed = checkpoint_child.sampler(str(tmp_path), init).run(0, X, Y, resume=True)
+    assert starts == [8]
+    _assert_same(checkpoint_child.sampler(None, init).run(0, X, Y), resumed)
+
+
+def _edited(X, y=None):
+    """``models.linreg`` with another prior scale, under the same name."""
+    beta = numpyro.sample(
+        "beta", dist.Normal(0.0, 2.0).expand([X.shape[1]]).to_event(1)
+    )
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    numpyro.deterministic("beta_sum", beta.sum())
+    numpyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
+
+
+_edited.__module__, _edited.__qualname__ = linreg.__module__, linreg.__qualname__
+
+
+def _scaled(scale):
+    def model(X, y=None):
+        beta = numpyro.sample(
+            "beta", dist.Normal(0.0, scale).expand([X.shape[1]]).to_event(1)
+        )
+        numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+    return model
+
+
+def test_resume_refuses_an_edited_model(tmp_path):
+    config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
+    cm.Sampler(linreg, **config).run(0, X, Y)
+    with pytest.raises(ValueError, match="cannot resume.*model: checkpoint"):
+        cm.Sampler(_edited, **config).run(0, X, Y, resume=True)
+
+
+def test_resume_refuses_a_closure_over_other_constants(tmp_path, monkeypatch):
+    config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
+    cm.Sampler(_scaled(1.0), **config).run(0, X, Y)
+    with pytest.raises(ValueError, match="cannot resume.*model: checkpoint"):
+        cm.Sampler(_scaled(2.0), **config).run(0, X, Y, resume=True)
+    starts = _record_starts(monkeypatch)
+    cm.Sampler(_scaled(1.0), **config).run(0, X, Y, resume=True)  # same code
+    assert starts == [12]
+
+
+def test_identity_sees_code_constants_and_closures():
+    def outer(k):
+        def f(x):
+            def g(y):
+                return y + 1.5
+
+            return g(x) * k
+
+        return f
+
+    same = identity.digest(outer(np.ones(3)))
+    assert identity.digest(outer(np.ones(3))) == same  # equal content
+    assert identity.digest(outer(np.zeros(3))) != same  # array content
+    assert identity.digest(outer(outer)) != identity.digest(outer(linreg))
+    assert identity.digest(_scaled(1.0)) != identity.digest(_scaled(1))
+    assert identity.digest(_edited) != identity.digest(linreg)
+    text = str(identity.describe(checkpoint_child.INITS["value"]))
+    assert "0x" not in text and "init_to_value" in text
+
+
+def test_concurrent_write_probes_do_not_collide(tmp_path, monkeypatch):
+    original, nested = checkpoint._atomic_write, []
+
+    def atomic_write(path, write):
+        def write_then_interleave(f):
+            write(f)
+            if not nested:  # another process probes the same directory now
+                nested.append(path.name)
+                checkpoint.check_writable(tmp_path, 0)
+
+        original(path, write_then_interleave)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", atomic_write)
+    checkpoint.check_writable(tmp_path, 0)
+    assert nested and list(tmp_path.iterdir()) == []

@@ -4,23 +4,34 @@ A checkpoint is one ``checkpoint.npz`` (loaded with ``allow_pickle=False``),
 written to a temporary file, fsynced and renamed over the previous one, so a
 crash at any moment leaves the previous checkpoint intact. ``manifest.json``
 beside it repeats the manifest for people.
+
+The manifest says where the draws kept so far are: in the checkpoint (an
+in-memory store) or in a ``FileStore`` directory, recognised by its run token.
+In a multi-process run only process 0 reads and writes checkpoints: it decides
+whether to resume and sends the checkpoint to the other processes, so all of
+them continue from the same chunk whatever their own directories hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import io
 import json
 import os
+import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
+from chainmesh import identity
+from chainmesh.store import FileStore, MemoryStore, NullStore
+
 FILE = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2
 
 
 class Saved(NamedTuple):
@@ -35,12 +46,7 @@ class Saved(NamedTuple):
 
 def data_digest(tree: Any) -> str:
     """SHA-256 of the data's bytes, shapes and dtypes (to refuse other data)."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        arr = np.asarray(leaf)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
+    return identity.digest([np.asarray(x) for x in jax.tree.leaves(tree)])
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -60,15 +66,19 @@ def _atomic_write(path: Path, write) -> None:
 def check_writable(directory: str | os.PathLike, needed_bytes: int) -> Path:
     """Create ``directory`` and prove a checkpoint fits, before any sampling.
 
+    Each process probes with a file of its own name: processes sharing the
+    directory (a shared file system) do not race on one file.
+
     Raises:
         ValueError: The path cannot hold files, is not writable, or the disk
             has less than twice ``needed_bytes`` free (old + new checkpoint).
     """
     path = Path(directory)
+    probe = path / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / ".write-test", lambda f: f.write(b"chainmesh"))
-        (path / ".write-test").unlink()
+        _atomic_write(probe, lambda f: f.write(b"chainmesh"))
+        probe.unlink()
     except OSError as err:
         raise ValueError(
             f"checkpoint_dir {str(path)!r} is not writable ({err}); pass a "
@@ -107,9 +117,12 @@ def save_checkpoint(
 def load(directory: str | os.PathLike) -> Saved | None:
     """The checkpoint in ``directory``, or None if there is none."""
     file = Path(directory) / FILE
-    if not file.exists():
-        return None
-    with np.load(file, allow_pickle=False) as z:
+    return _parse(file.read_bytes()) if file.exists() else None
+
+
+def _parse(blob: bytes) -> Saved:
+    """A checkpoint from the bytes of its file."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         groups: dict[str, dict[str, np.ndarray]] = {"state": {}, "draws": {}}
         groups["extra"] = {}
         for key in z.files:
@@ -123,12 +136,12 @@ def load(directory: str | os.PathLike) -> Saved | None:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint made by another run.
+    """Refuse to resume a checkpoint made by another run (the store aside).
 
     Raises:
         ValueError: Listing every manifest field that differs.
     """
-    keys = sorted(set(saved) | set(current))
+    keys = sorted((set(saved) | set(current)) - {"store"})
     diffs = [k for k in keys if saved.get(k) != current.get(k)]
     if diffs:
         detail = "; ".join(
@@ -138,6 +151,35 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
             f"cannot resume: the checkpoint was made by a different run ({detail}). "
             "Run with the same model, data, seed, config and versions, or start "
             "fresh with resume=False (or another checkpoint_dir)"
+        )
+
+
+def check_store(record: dict[str, Any], store: Any) -> None:
+    """Refuse a store that does not hold the draws a checkpoint relies on.
+
+    Args:
+        record: The checkpoint's ``store`` entry (``Store.record()``).
+        store: This run's store.
+
+    Raises:
+        ValueError: The checkpoint's draws are in a store directory and
+            ``store`` is not that directory (by its run token).
+    """
+    if record.get("kind") != "files" or isinstance(store, NullStore):
+        return
+    where = record["path"]
+    if not isinstance(store, FileStore):
+        raise ValueError(
+            f"cannot resume: the draws kept so far are not in the checkpoint but "
+            f"in store {where!r}; pass store={where!r} to resume (or resume=False "
+            "to start over)"
+        )
+    if store.found_token() != record["token"]:
+        raise ValueError(
+            f"cannot resume: store {str(store.path)!r} does not hold the draws "
+            f"kept so far, which are in store {where!r} (run token "
+            f"{record['token']}); pass store={where!r} to resume (or resume=False "
+            "to start over)"
         )
 
 
@@ -162,30 +204,98 @@ def restore_state(template: Any, leaves: list[np.ndarray]) -> Any:
 def manifest(
     model: Any, config: Any, plan: Any, key: Any, data: Any, init_params: Any
 ) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed."""
+    """What must match for a checkpoint to be resumed (JSON values only).
+
+    The model and a callable ``init_strategy`` are identified by qualified name
+    and a digest of their code and constants (``identity``), never by
+    ``repr``, which holds memory addresses.
+    """
     import numpyro
 
-    import chainmesh
+    from chainmesh._version import __version__
 
     fields = {
-        k: v if isinstance(v, int | float | bool | str | None) else repr(v)
+        k: v
+        if isinstance(v, int | float | bool | str | None)
+        else identity.fingerprint(v)
         for k, v in vars(config).items()
         if k not in ("progress_bar", "checkpoint_dir", "checkpoint_every", "store")
     }
-    return {
+    current = {
         "format": FORMAT,
-        "chainmesh": chainmesh.__version__,
+        "chainmesh": __version__,
         "jax": jax.__version__,
         "numpyro": numpyro.__version__,
+        "python": "{}.{}".format(*sys.version_info[:2]),  # bytecode changes
         "x64": bool(jax.config.jax_enable_x64),
-        "model": f"{getattr(model, '__module__', '?')}."
-        f"{getattr(model, '__qualname__', type(model).__name__)}",
+        "model": identity.fingerprint(model),
         "config": fields,
         "plan": str(plan),
         "seed": np.asarray(key).tolist(),
         "data": data_digest(data),
         "init_params": data_digest(init_params or {}),
     }
+    return json.loads(json.dumps(current))  # as it reads back from a file
+
+
+def _decide(
+    directory: Path, manifest: dict[str, Any], store: Any, resume: bool
+) -> tuple[dict[str, Any], bytes | None]:
+    """Process 0's decision: resume or not (or why not), and the checkpoint."""
+    decision = {"error": None, "resume": False, "token": secrets.token_hex(16)}
+    file = directory / FILE
+    if jax.process_index() != 0 or not resume or not file.exists():
+        return decision, None
+    try:
+        blob = file.read_bytes()
+        saved = _parse(blob)
+    except Exception as err:  # whatever it is, every process must hear of it
+        decision["error"] = (
+            f"cannot resume: {file} cannot be read ({err}); remove it or start "
+            "fresh with resume=False"
+        )
+        return decision, None
+    try:
+        check_compatible(saved.manifest, manifest)
+        check_store(saved.manifest["store"], store)
+    except ValueError as err:
+        decision["error"] = str(err)
+        return decision, None
+    decision["resume"] = True
+    decision["token"] = saved.manifest["store"].get("token") or decision["token"]
+    return decision, blob
+
+
+def _share(blob: bytes | None) -> bytes:
+    """Process 0's ``blob`` on every process (the others pass None)."""
+    if jax.process_count() == 1:
+        return blob
+    from jax.experimental.multihost_utils import broadcast_one_to_all
+
+    # Every process must pass arrays of the payload's shape: the length first.
+    # Bytes, not float arrays: the broadcast sums with zeros, -0.0 + 0.0 = 0.0.
+    source = jax.process_index() == 0
+    size = divmod(len(blob), 2**30) if source else (0, 0)
+    high, low = broadcast_one_to_all(np.array(size, np.int32))
+    size = int(high) * 2**30 + int(low)
+    buffer = np.frombuffer(blob, np.uint8) if source else np.zeros(size, np.uint8)
+    return np.asarray(broadcast_one_to_all(buffer), np.uint8).tobytes()
+
+
+def _agree(error: str | None) -> None:
+    """Raise on every process if any process failed, so none waits alone."""
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import process_allgather
+
+        failed = np.ravel(process_allgather(np.array([error is not None], np.int32)))
+        if error is None and failed.any():
+            first = int(np.argmax(failed))
+            error = (
+                f"process {first} cannot checkpoint or resume this run (see its "
+                "error); every process stops"
+            )
+    if error is not None:
+        raise ValueError(error)
 
 
 def attach(
@@ -198,21 +308,26 @@ def attach(
 ) -> tuple[Any, Any, Any]:
     """Prepare a run for checkpointing, resuming it first if asked.
 
+    Call on every process: process 0 decides and broadcasts (a collective).
+
     Args:
-        directory: The checkpoint directory.
+        directory: The checkpoint directory (only process 0's is read).
         manifest: This run's manifest (``manifest(...)``).
         state: The fresh initial state (a template for a resumed one).
-        store: Where draws go; a ``MemoryStore``'s draws go into checkpoints.
+        store: Where draws go; a ``MemoryStore``'s draws go into checkpoints,
+            a ``FileStore`` is opened here (new files, or reopened on resume).
         lead: Leading axes before the draw axis (1, or 2 with data shards).
         resume: Continue from the checkpoint in ``directory``, if any.
 
     Returns:
         ``(progress, state, save)``: where the driver starts (None: at the
         beginning), the state to start from, and the driver's save callback.
+
+    Raises:
+        ValueError: On every process, if the checkpoint cannot be resumed.
     """
     from chainmesh.driver import Progress
-    from chainmesh.layout import to_host
-    from chainmesh.store import MemoryStore
+    from chainmesh.placement import to_host
 
     directory = Path(directory)
     in_memory = isinstance(store, MemoryStore)
@@ -220,16 +335,35 @@ def attach(
     if in_memory:
         groups = ("draws", "extra")
         needed += sum(x.nbytes for g in groups for x in store.read(g).values())
-    check_writable(directory, needed)
+    error = None
+    try:
+        check_writable(directory, needed)
+    except ValueError as err:
+        error = str(err)
+    _agree(error)  # a process whose disk is full must not leave the others waiting
+    decision, blob = _decide(directory, manifest, store, resume)
+    decision = json.loads(_share(json.dumps(decision).encode()))
+    if decision["error"] is not None:
+        raise ValueError(decision["error"])
+    saved = _parse(_share(blob)) if decision["resume"] else None
+    record = saved.manifest["store"] if saved is not None else {}
+    error = None
+    try:
+        check_store(record, store)
+        if isinstance(store, FileStore):
+            store.open(decision["token"], reuse=record.get("kind") == "files")
+        if saved is not None:
+            state = restore_state(state, saved.state)
+    except ValueError as err:
+        error = str(err)
+    _agree(error)
     progress = None
-    saved = load(directory) if resume else None
     if saved is not None:
-        check_compatible(saved.manifest, manifest)
-        state = restore_state(state, saved.state)
         progress = Progress(**saved.progress)
         for group in ("draws", "extra"):
             for name, values in getattr(saved, group).items():
                 store.write(group, name, lead, 0, values)
+    full = {**manifest, "store": store.record()}
 
     def save(progress: Progress, state: Any) -> None:
         leaves = [to_host(x) for x in jax.tree.leaves(state)]
@@ -243,6 +377,6 @@ def attach(
             store.flush()
         if jax.process_index() == 0:
             progress_dict = dataclasses.asdict(progress)
-            save_checkpoint(directory, manifest, progress_dict, leaves, **kept)
+            save_checkpoint(directory, full, progress_dict, leaves, **kept)
 
     return progress, state, save
