@@ -45,7 +45,8 @@ _MAGIC = b"chainmesh-xla-1\n"
 _DIGEST = 32
 
 _refused: set[str] = set()
-_hits = threading.local()
+_hits = [0]
+_hits_lock = threading.Lock()
 
 
 def default_dir() -> Path:
@@ -160,7 +161,8 @@ class DiskCache(CacheInterface):
             return None
         with contextlib.suppress(OSError):
             os.utime(file)  # the modification time is the LRU clock
-        _hits.count = getattr(_hits, "count", 0) + 1
+        with _hits_lock:
+            _hits[0] += 1
         return payload
 
     def put(self, key: str, value: bytes) -> None:
@@ -239,8 +241,8 @@ def active(cache_dir: Any) -> Iterator[None]:
 
 
 def hits() -> int:
-    """Entries this thread has loaded from disk so far (for ``stats``)."""
-    return getattr(_hits, "count", 0)
+    """Entries loaded from disk so far in this process (for ``stats``)."""
+    return _hits[0]
 
 
 def clear_disk_cache(cache_dir: Any = None) -> int:

@@ -13,7 +13,9 @@ sampling chunks, thinning and a short last chunk all reuse one executable.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
@@ -81,8 +83,7 @@ class ChunkOut(NamedTuple):
 class Programs:
     """Compiled executables and model facts for one cache key.
 
-    The chunk program is compiled after the first init succeeded, so a model
-    with an invalid init fails before paying for the NUTS compilation.
+    A cold run lowers both programs, then compiles them side by side.
     """
 
     info: ModelInfo
@@ -91,6 +92,41 @@ class Programs:
         default_factory=dict
     )
     chunk: Callable[..., ChunkOut] | None = None
+    state: Any = None  # the placed abstract state, once an init was lowered
+
+
+def build(
+    programs: Programs,
+    init: tuple[Any, tuple, Any],
+    chunk: tuple[Any, tuple] | None,
+    mesh: Mesh,
+    sharded: bool,
+    stages: dict[str, float] | None = None,
+) -> int:
+    """Lower what ``programs`` lacks, compile it side by side; programs built.
+
+    Args:
+        init: ``(jitted init program, its arguments, key in programs.inits)``.
+        chunk: ``(jitted chunk program, its arguments after the state)``, or
+            None when ``programs.chunk`` exists.
+    """
+    todo: list[tuple[str, Any]] = []
+    program, init_args, key = init
+    if key not in programs.inits:
+        lowered = lower(program, init_args, stages)
+        programs.state = abstract_state(lowered, mesh, sharded)
+        todo.append((key, lowered))
+    if chunk is not None and programs.chunk is None:
+        program, rest = chunk
+        todo.append(("chunk", lower(program, (programs.state, *rest), stages)))
+    for (name, _), compiled in zip(
+        todo, compile_all([x for _, x in todo], stages), strict=True
+    ):
+        if name == "chunk":
+            programs.chunk = compiled
+        else:
+            programs.inits[name] = compiled
+    return len(todo)
 
 
 def _write(buffers: Any, j: jax.Array, values: Any) -> Any:
@@ -246,20 +282,63 @@ def _over_shards(fn: Callable, batched: tuple[bool, ...]) -> Callable:
     return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
 
 
-def compile_init(
-    kernel: NUTSKernel,
-    strategy: Any,
-    inner: str,
-    mesh: Mesh,
-    init_args: tuple,
-    sharded: bool = False,
-) -> Callable[..., tuple[HMCState, jax.Array]]:
-    """Compile the init program.
+STAGES = ("trace_s", "lower_s", "xla_s")
+"""Where building programs spends its time: tracing the Python functions to a
+jaxpr, lowering it to StableHLO, and XLA's compilation (or a load from the disk
+cache; wall time, with the programs of one run compiled concurrently)."""
 
-    Args:
-        init_args: ``(root, chains, values, args, kwargs)``, or with
-            ``sharded`` ``(root, shards, chains, values, args, kwargs)`` where
-            shard ``k`` uses the root key ``fold_in(root, k)`` and its own data.
+
+def _add(stages: dict[str, float] | None, name: str, seconds: float) -> None:
+    if stages is not None:
+        stages[name] = stages.get(name, 0.0) + seconds
+
+
+def lower(program: Any, args: tuple, stages: dict[str, float] | None = None) -> Any:
+    """``program.trace(*args).lower()``, adding each stage's seconds."""
+    t0 = time.perf_counter()
+    traced = program.trace(*args)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    _add(stages, "trace_s", t1 - t0)
+    _add(stages, "lower_s", time.perf_counter() - t1)
+    return lowered
+
+
+def compile_all(lowered: list[Any], stages: dict[str, float] | None = None) -> list:
+    """XLA-compile several lowered programs at once (XLA releases the GIL).
+
+    A cold run builds an init and a chunk program; compiled side by side they
+    cost the longer of the two instead of the sum (on two or more cores).
+    """
+    if not lowered:
+        return []
+    t0 = time.perf_counter()
+    if len(lowered) == 1:
+        out = [lowered[0].compile()]
+    else:
+        with ThreadPoolExecutor(len(lowered)) as pool:
+            out = list(pool.map(lambda x: x.compile(), lowered))
+    _add(stages, "xla_s", time.perf_counter() - t0)
+    return out
+
+
+def abstract_state(lowered_init: Any, mesh: Mesh, sharded: bool) -> Any:
+    """The state the init program returns, as placed abstract values."""
+    lanes = NamedSharding(mesh, P(SHARD, CHAIN) if sharded else P(CHAIN))
+    state = lowered_init.out_info[0]
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=lanes), state
+    )
+
+
+def init_program(
+    kernel: NUTSKernel, strategy: Any, inner: str, mesh: Mesh, sharded: bool = False
+) -> Any:
+    """The jitted init program (see ``Sampler``): per-chain keys, inits, state.
+
+    It takes ``(root, chains, values, args, kwargs)``, or with ``sharded``
+    ``(root, shards, chains, values, args, kwargs)`` where shard ``k`` uses
+    the root key ``fold_in(root, k)`` and its own data.
     """
     fn, rep = _init_fn(kernel, strategy, inner), P()
     if not sharded:
@@ -274,24 +353,22 @@ def compile_init(
         data = P(SHARD)
         in_specs = (rep, data, P(CHAIN), P(CHAIN), data, data)
         out_specs = P(SHARD, CHAIN)
-    program = jax.jit(
+    return jax.jit(
         jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
         )
     )
-    return program.lower(*init_args).compile()
 
 
-def compile_chunk(
+def chunk_program(
     model: Callable,
     kernel: NUTSKernel,
     inner: str,
     size: int,
     mesh: Mesh,
-    chunk_args: tuple,
     sharded: bool = False,
-) -> Callable[..., ChunkOut]:
-    """Compile the chunk program for ``(state, real, n_draws, per_draw, collect,
+) -> Any:
+    """The jitted chunk program for ``(state, real, n_draws, per_draw, collect,
     args, kwargs)``; ``real`` marks the lanes that are not padding, the state
     argument is donated. With ``sharded``, state, ``real`` and data carry a
     leading shard axis and state and ``real`` a chain axis after it."""
@@ -302,10 +379,9 @@ def compile_chunk(
     else:
         lanes, data = P(SHARD, CHAIN), P(SHARD)
         in_specs = (lanes, lanes, rep, rep, rep, data, data)
-    program = jax.jit(
+    return jax.jit(
         jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=lanes, check_vma=False
         ),
         donate_argnums=0,
     )
-    return program.lower(*chunk_args).compile()

@@ -19,7 +19,13 @@ from chainmesh.kernels.nuts import build_nuts
 from chainmesh.keys import layout_init_params, root_key
 from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
 from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
-from chainmesh.program import Programs, compile_chunk, compile_init
+from chainmesh.program import (
+    STAGES,
+    Programs,
+    build,
+    chunk_program,
+    init_program,
+)
 from chainmesh.result import Result, run_stats
 from chainmesh.store import FileStore, MemoryStore, NullStore
 from chainmesh.validation import as_program_args, check_directory, check_finite
@@ -31,9 +37,11 @@ class _Started(NamedTuple):
     programs: Programs
     data: tuple
     state: HMCState
+    real: Any
     compile_s: float
     compilations: int
     init_s: float
+    stages: dict[str, float]
 
 
 class Sampler:
@@ -229,28 +237,6 @@ class Sampler:
         programs, data, state = started.programs, started.data, started.state
         config, mesh = self.config, self.mesh
         compile_s, compilations = started.compile_s, started.compilations
-        lanes = self._lanes()
-        real = (placement.shard_data if self._batched else placement.shard_chains)(
-            lanes, mesh
-        )
-        with COMPILE_LOCK, persistent.active(config.cache_dir):
-            if programs.chunk is None:
-                t0 = time.perf_counter()
-                scalars = [
-                    placement.replicate(np.asarray(v, dtype=t), mesh)
-                    for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
-                ]
-                programs.chunk = compile_chunk(
-                    self.model,
-                    programs.kernel,
-                    config.inner,
-                    config.chunk,
-                    mesh,
-                    (state, real, *scalars, *data),
-                    sharded=self._batched,
-                )
-                compile_s += time.perf_counter() - t0
-                compilations += 1
         keep = self._keep()
         kept = config.num_samples // config.thinning
         store = FileStore(config.store, resume) if config.store else MemoryStore()
@@ -274,7 +260,7 @@ class Sampler:
             out = drive(
                 programs.chunk,
                 state,
-                real,
+                started.real,
                 *data,
                 config,
                 mesh,
@@ -290,6 +276,7 @@ class Sampler:
         loaded = persistent.hits() - loaded
         stats = run_stats(out, compile_s, compilations - loaded, started.init_s)
         stats["programs_from_disk"] = loaded
+        stats.update({f"compile_{k}": v for k, v in started.stages.items()})
         extra = dict(out.extra)
         if extra:
             extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
@@ -343,26 +330,46 @@ class Sampler:
             shards = np.arange(len(self._lanes()), dtype=np.int32)
             shards = placement.shard_data(shards, mesh)
             init_args = (init_args[0], shards, *init_args[1:])
-        compile_s, compilations = 0.0, 0
+        lanes = (placement.shard_data if self._batched else placement.shard_chains)(
+            self._lanes(), mesh
+        )
+        stages = dict.fromkeys(STAGES, 0.0)
         values_key = signature(values)
         with COMPILE_LOCK, persistent.active(config.cache_dir):
-            if values_key not in programs.inits:
-                t0 = time.perf_counter()
-                strategy = resolve_init_strategy(config.init_strategy)
-                programs.inits[values_key] = compile_init(
+            t0 = time.perf_counter()
+            strategy = resolve_init_strategy(config.init_strategy)
+            chunk = None
+            if programs.chunk is None:
+                scalars = [
+                    placement.replicate(np.asarray(v, dtype=t), mesh)
+                    for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
+                ]
+                jitted = chunk_program(
+                    self.model,
                     programs.kernel,
-                    strategy,
                     config.inner,
+                    config.chunk,
                     mesh,
-                    init_args,
-                    sharded=self._batched,
+                    self._batched,
                 )
-                compile_s, compilations = time.perf_counter() - t0, 1
+                chunk = (jitted, (lanes, *scalars, *data))
+            init = init_program(
+                programs.kernel, strategy, config.inner, mesh, self._batched
+            )
+            built = build(
+                programs,
+                (init, init_args, values_key),
+                chunk,
+                mesh,
+                self._batched,
+                stages,
+            )
+            compile_s = time.perf_counter() - t0 if built else 0.0
         t0 = time.perf_counter()
         state, valid = programs.inits[values_key](*init_args)
         self._check_init(state, placement.to_host(valid), data)
         init_s = time.perf_counter() - t0
-        return _Started(programs, data, state, compile_s, compilations, init_s)
+        return _Started(programs, data, state, lanes, compile_s, built, init_s, stages)
 
     def _one_dataset(self, data: tuple) -> tuple:
         """Data as the model sees them: without the data-set axis, if any."""
