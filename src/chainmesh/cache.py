@@ -20,6 +20,32 @@ def signature(tree: Any) -> tuple:
     return treedef, avals
 
 
+def program_key(
+    model: Callable, config: Any, mesh: Any, plan: Any, data_signature: tuple
+) -> tuple:
+    """Everything a sampler's compiled programs depend on.
+
+    The model, the config fields that enter the programs, the data's
+    signature, the mesh (devices named by platform and id: ``cuda:0`` and
+    ``cpu:0`` differ), the chain layout and the x64 mode.
+    """
+    c = config
+    static = (
+        c.num_warmup,
+        c.target_accept_prob,
+        c.max_tree_depth,
+        c.dense_mass,
+        c.init_strategy,
+        c.chunk,
+        c.inner,
+    )
+    devices = tuple((d.platform, d.id) for d in mesh.devices.flat)
+    layout = (mesh.axis_names, mesh.devices.shape, devices)
+    chains = (plan.total_chains, plan.chains_per_device)
+    x64 = bool(jax.config.jax_enable_x64)
+    return (model, static, data_signature, layout, chains, x64)
+
+
 class ProgramCache:
     """A small LRU of compiled programs, keyed by everything they depend on."""
 

@@ -135,3 +135,27 @@ def nonfinite_sites(model: Callable, args: tuple, kwargs: dict, z: dict) -> list
         ):
             bad.append(name)
     return bad
+
+
+def invalid_init_error(
+    model: Callable, data: tuple, z: dict, bad: np.ndarray, batched: bool
+) -> ValueError:
+    """The error for lanes without a valid initial point, naming sites.
+
+    Args:
+        data: ``(args, kwargs)`` of the first bad lane.
+        z: Its unconstrained values.
+        bad: Indices of the bad lanes: ``(chain,)`` or ``(data set, chain)``.
+    """
+    if batched:
+        where_chain = f"(data set, chain) {[tuple(map(int, b)) for b in bad]}"
+    else:
+        where_chain = f"chains {bad[:, 0].tolist()}"
+    sites = nonfinite_sites(model, *data, z)
+    where = f"at sites {sites}" if sites else "(its gradient is not finite)"
+    return ValueError(
+        f"no valid initial point for {where_chain}: the log density is "
+        f"not finite {where} after 100 tries. Check init_params are inside each "
+        "site's support and the data are finite, or use another init_strategy "
+        "(e.g. 'init_to_sample')"
+    )

@@ -12,13 +12,13 @@ import numpy as np
 from numpyro.infer.hmc import HMCState
 
 from chainmesh import checkpoint, persistent, placement
-from chainmesh.cache import CACHE, COMPILE_LOCK, signature
+from chainmesh.cache import CACHE, COMPILE_LOCK, program_key, signature
 from chainmesh.config import SamplerConfig, resolve_init_strategy
 from chainmesh.driver import RunOutput, allocate, drive
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.keys import layout_init_params, root_key
 from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
-from chainmesh.model import ModelInfo, inspect_model, nonfinite_sites
+from chainmesh.model import ModelInfo, inspect_model, invalid_init_error
 from chainmesh.program import (
     STAGES,
     Programs,
@@ -161,21 +161,9 @@ class Sampler:
         return np.arange(self.plan.total_chains) < self.plan.num_chains
 
     def _cache_key(self, data_signature: tuple) -> tuple:
-        c = self.config
-        static = (
-            c.num_warmup,
-            c.target_accept_prob,
-            c.max_tree_depth,
-            c.dense_mass,
-            c.init_strategy,
-            c.chunk,
-            c.inner,
+        return program_key(
+            self.model, self.config, self.mesh, self.plan, data_signature
         )
-        devices = tuple((d.platform, d.id) for d in self.mesh.devices.flat)
-        mesh = (self.mesh.axis_names, self.mesh.devices.shape, devices)
-        chains = (self.plan.total_chains, self.plan.chains_per_device)
-        x64 = bool(jax.config.jax_enable_x64)
-        return (self.model, static, data_signature, mesh, chains, x64)
 
     def run(
         self,
@@ -380,24 +368,12 @@ class Sampler:
     def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
         real = tuple(slice(0, k) for k in self._keep())
         bad = np.argwhere(~valid[real])
-        if bad.size == 0:
-            return
-        first = tuple(int(i) for i in bad[0])
-        z = {k: placement.to_host(v)[first] for k, v in state.z.items()}
-        if self._batched:
-            data = jax.tree.map(lambda x: placement.to_host(x)[first[0]], data)
-            where_chain = f"(data set, chain) {[tuple(map(int, b)) for b in bad]}"
-        else:
-            where_chain = f"chains {bad[:, 0].tolist()}"
-        with COMPILE_LOCK:  # traces the model eagerly
-            sites = nonfinite_sites(self.model, *data, z)
-        where = f"at sites {sites}" if sites else "(its gradient is not finite)"
-        raise ValueError(
-            f"no valid initial point for {where_chain}: the log density is "
-            f"not finite {where} after 100 tries. Check init_params are inside each "
-            "site's support and the data are finite, or use another init_strategy "
-            "(e.g. 'init_to_sample')"
-        )
+        if bad.size:
+            z = {k: placement.to_host(v)[tuple(bad[0])] for k, v in state.z.items()}
+            if self._batched:  # the first bad lane's data set
+                data = jax.tree.map(lambda x: placement.to_host(x)[bad[0][0]], data)
+            with COMPILE_LOCK:  # traces the model eagerly
+                raise invalid_init_error(self.model, data, z, bad, self._batched)
 
 
 def sample(
