@@ -7,12 +7,13 @@ from chainmesh.cache import CACHE
 from chainmesh.chain_transform import chain_method
 from chainmesh.config import SamplerConfig
 from chainmesh.mesh import CHAIN, ChainPlan, plan_chains, set_host_device_count
+from chainmesh.persistent import clear_disk_cache, disk_cache_size
 from chainmesh.result import Result
 from chainmesh.sampler import Sampler, sample
 
 
 def clear_cache() -> None:
-    """Drop every compiled program held by chainmesh."""
+    """Drop every compiled program held in memory (the disk cache stays)."""
     CACHE.clear()
 
 
@@ -28,9 +29,11 @@ __all__ = [
     "backends",
     "chain_method",
     "clear_cache",
+    "clear_disk_cache",
     "cmc",
     "combine",
     "diagnostics",
+    "disk_cache_size",
     "distributed",
     "plan_chains",
     "sample",

@@ -215,6 +215,20 @@ def _open(cache_dir: Any) -> DiskCache | None:
     return DiskCache(path, max_bytes())
 
 
+_current: list[DiskCache | None] = [None]
+
+
+@contextlib.contextmanager
+def _settings(cache: DiskCache) -> Iterator[None]:
+    """JAX's (thread-local) settings that send every program to ``cache``."""
+    with (
+        _jax_config.compilation_cache_dir(str(cache._path)),
+        _jax_config.persistent_cache_min_compile_time_secs(0.0),
+        _jax_config.persistent_cache_min_entry_size_bytes(-1),
+    ):
+        yield
+
+
 @contextlib.contextmanager
 def active(cache_dir: Any) -> Iterator[None]:
     """Compile inside this block with chainmesh's disk cache (or none if off).
@@ -222,22 +236,35 @@ def active(cache_dir: Any) -> Iterator[None]:
     Hold ``chainmesh.cache.COMPILE_LOCK`` around it: it swaps JAX's process-wide
     cache object for the block and puts the previous one back afterwards, so
     JAX compilations outside chainmesh are left as the user configured them.
+    Threads that compile for the block enter ``inherit()``.
     """
     cache = _open(cache_dir)
     if cache is None:
         yield
         return
-    saved = (_jax_cache._cache, _jax_cache._cache_initialized)
+    saved = (_jax_cache._cache, _jax_cache._cache_initialized, _current[0])
     _jax_cache._cache, _jax_cache._cache_initialized = cache, True
+    _current[0] = cache
     try:
-        with (
-            _jax_config.compilation_cache_dir(str(cache._path)),
-            _jax_config.persistent_cache_min_compile_time_secs(0.0),
-            _jax_config.persistent_cache_min_entry_size_bytes(-1),
-        ):
+        with _settings(cache):
             yield
     finally:
-        _jax_cache._cache, _jax_cache._cache_initialized = saved
+        _jax_cache._cache, _jax_cache._cache_initialized, _current[0] = saved
+
+
+@contextlib.contextmanager
+def inherit() -> Iterator[None]:
+    """In a worker thread: the settings of the ``active`` block that started it.
+
+    JAX's settings are thread-local, so a compile in another thread would
+    otherwise skip writing programs that compiled in under a second.
+    """
+    cache = _current[0]
+    if cache is None:
+        yield
+        return
+    with _settings(cache):
+        yield
 
 
 def hits() -> int:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
+from chainmesh import persistent
 from chainmesh.kernels.nuts import NUTSKernel, extra_fields
 from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
@@ -316,8 +317,13 @@ def compile_all(lowered: list[Any], stages: dict[str, float] | None = None) -> l
     if len(lowered) == 1:
         out = [lowered[0].compile()]
     else:
+
+        def compile_one(x: Any) -> Any:
+            with persistent.inherit():
+                return x.compile()
+
         with ThreadPoolExecutor(len(lowered)) as pool:
-            out = list(pool.map(lambda x: x.compile(), lowered))
+            out = list(pool.map(compile_one, lowered))
     _add(stages, "xla_s", time.perf_counter() - t0)
     return out
 
