@@ -39,6 +39,7 @@ def main() -> None:
     )
     stats = sampler.run(0, *example.args).stats
     keys = ("compile_s", "compile_trace_s", "compile_lower_s", "compile_xla_s")
+    keys += ("warmup_s", "sampling_s", "gradients_per_s")
     report = {k: round(stats[k], 2) for k in keys}
     report["programs_from_disk"] = stats["programs_from_disk"]
     report["wall_s"] = round(time.perf_counter() - start, 2)
