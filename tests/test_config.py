@@ -1,5 +1,6 @@
 """Bad input: every row raises a clear error before anything compiles."""
 
+import jax
 import numpy as np
 import pytest
 from models import discrete_latent, linreg, linreg_data, scale_model
@@ -79,8 +80,11 @@ def test_bad_seed_and_args():
     sampler = cm.Sampler(scale_model, **SMALL)
     with pytest.raises(TypeError, match="seed must be"):
         sampler.run("zero", Y)
-    with pytest.raises(TypeError, match=r"model argument args\[0\] is a str"):
-        sampler.run(0, "not data")
+    keys = jax.random.split(jax.random.key(0), 3)  # num_chains is 4
+    with pytest.raises(ValueError, match="seed holds 3 keys but num_chains=4"):
+        sampler.run(keys, Y)
+    with pytest.raises(TypeError, match="static_argnames must be a tuple"):
+        cm.Sampler(scale_model, static_argnames="y")
 
 
 def test_nonfinite_init_names_sites():

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from chainmesh.arguments import is_data
 from chainmesh.mesh import ShardPlan, plan_shards, resolve_devices, shard_mesh
 from chainmesh.result import Result
 from chainmesh.sampler import Sampler
@@ -142,6 +143,8 @@ class BatchSampler(Sampler):
         if not paths:
             raise ValueError("BatchSampler.run needs data: one array per argument")
         for path, leaf in paths:
+            if not is_data(leaf):
+                continue  # static values (ints, strings, ...) are shared
             if np.ndim(leaf) == 0 or np.shape(leaf)[0] != k:
                 where = ("args" if path[0].idx == 0 else "kwargs") + (
                     jax.tree_util.keystr(path[1:])
@@ -154,7 +157,7 @@ class BatchSampler(Sampler):
                 )
 
         def pad(x: Any) -> Any:
-            if total == k:
+            if total == k or not is_data(x):
                 return x
             x = np.asarray(x)
             return np.concatenate([x, np.repeat(x[:1], total - k, axis=0)])

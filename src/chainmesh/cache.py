@@ -71,7 +71,11 @@ class ProgramCache:
         if model is None:
             self._entries.clear()
             return
-        for key in [k for k in self._entries if k[0] == model]:
+
+        def model_of(key: Any) -> Any:  # a BoundModel wraps the user's model
+            return getattr(key[0], "model", key[0])
+
+        for key in [k for k in self._entries if model_of(k) == model]:
             del self._entries[key]
 
     def __len__(self) -> int:

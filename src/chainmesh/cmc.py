@@ -25,6 +25,8 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import Messenger
 
+from chainmesh import arguments
+from chainmesh.arguments import is_data
 from chainmesh.batch import BatchSampler
 from chainmesh.cache import COMPILE_LOCK
 from chainmesh.combine import COMBINERS
@@ -71,21 +73,23 @@ def local_sites(model: Callable, args: tuple, kwargs: dict) -> frozenset[str]:
     Such a site holds one value per data row (a local latent): it lives in one
     shard only. The rows are the leading axis of the first array argument.
     """
-    leaves = [x for x in jax.tree.leaves((args, kwargs)) if np.ndim(x) > 0]
+    split = arguments.split(model, args, kwargs)
+    leaves = [x for x in jax.tree.leaves((split.args, split.kwargs)) if np.ndim(x)]
     if not leaves:
         return frozenset()
     rows = np.shape(leaves[0])[0]
     found: set[str] = set()
+    bound = arguments.BoundModel(model, split.values, split.key)
 
     def record(a: tuple, k: dict) -> None:
-        traced = substitute(seed(model, rng_seed=0), substitute_fn=init_to_uniform)
+        traced = substitute(seed(bound, rng_seed=0), substitute_fn=init_to_uniform)
         for name, site in trace(traced).get_trace(*a, **k).items():
             if site["type"] != "sample" or site["is_observed"]:
                 continue
             if any(f.size == rows for f in site["cond_indep_stack"]):
                 found.add(name)
 
-    specs = jax.tree.map(_spec, (args, kwargs))
+    specs = jax.tree.map(_spec, (split.args, split.kwargs))
     with COMPILE_LOCK:
         jax.eval_shape(record, *specs)
     return frozenset(found)
@@ -169,7 +173,19 @@ def _stack(data_shards: Sequence[Any], total: int) -> tuple[tuple, dict]:
                 "pads and adds a mask)"
             )
     trees += [trees[0]] * (total - len(trees))
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+    def stack(*xs: Any) -> Any:
+        if is_data(xs[0]):
+            return np.stack([np.asarray(x) for x in xs])
+        if any(x != xs[0] for x in xs):  # static values are shared by every shard
+            raise ValueError(
+                f"the static model argument {xs[0]!r} differs between shards; "
+                "static arguments (ints, strings, ...) must be the same in every "
+                "shard: pass per-shard values as arrays"
+            )
+        return xs[0]
+
+    return jax.tree.map(stack, *trees)
 
 
 def _flatten(samples: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
@@ -243,7 +259,7 @@ def sample(
         raise TypeError(f"model must be a callable, got {type(model).__name__}")
     args, kwargs = _stack(data_shards, k)
     if local is None:
-        one = jax.tree.map(lambda x: x[0], (args, kwargs))
+        one = jax.tree.map(lambda x: x[0] if is_data(x) else x, (args, kwargs))
         local = local_sites(model, *one)
     tempered = _tempered(model, power, frozenset(local))
     sampler = BatchSampler(tempered, max(k, 1), devices=devices, **config)

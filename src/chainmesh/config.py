@@ -58,6 +58,9 @@ class SamplerConfig:
         cache_dir: Where compiled programs persist across processes; None:
             ``$CHAINMESH_CACHE_DIR`` or the user's cache directory; False: off
             (see ``chainmesh.persistent``).
+        static_argnames: Model arguments (names, or ``args[i]``) whose values
+            are compiled into the program, arrays included (others than
+            Python numbers and arrays are static anyway).
     """
 
     num_chains: int = 4
@@ -77,6 +80,7 @@ class SamplerConfig:
     check_data: bool = True
     gather: str = "all"
     cache_dir: str | os.PathLike | bool | None = None
+    static_argnames: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
@@ -117,6 +121,13 @@ class SamplerConfig:
                 "cache_dir must be a directory path, False (no disk cache) or None "
                 f"(the default directory), got {self.cache_dir!r}"
             )
+        names = self.static_argnames
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                "static_argnames must be a tuple of argument names, e.g. "
+                f"('dept',), got {names!r}"
+            )
+        object.__setattr__(self, "static_argnames", tuple(names))
         if self.gather not in ("all", "main"):
             raise ValueError(f"gather must be 'all' or 'main', got {self.gather!r}")
         if self.inner not in INNER_STRATEGIES:

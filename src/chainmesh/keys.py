@@ -15,22 +15,56 @@ import numpy as np
 
 
 def root_key(seed: int | jax.Array) -> jax.Array:
-    """A raw ``uint32[2]`` key from an int seed or a JAX PRNG key.
+    """A raw ``uint32[2]`` key from an int seed or a JAX PRNG key, or raw
+    ``uint32[n, 2]`` keys from ``n`` keys (one per chain, as NumPyro's
+    ``MCMC.run`` takes them: ``jax.random.split(key, num_chains)``).
 
     Raises:
-        TypeError: ``seed`` is neither an int nor a PRNG key.
+        TypeError: ``seed`` is neither an int nor PRNG keys.
     """
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return jax.random.PRNGKey(int(seed))
     if isinstance(seed, jax.Array | np.ndarray):
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
+        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.ndim <= 1:
             return jax.random.key_data(seed)
-        if seed.shape == (2,) and seed.dtype == np.uint32:
+        if seed.ndim in (1, 2) and seed.shape[-1] == 2 and seed.dtype == np.uint32:
             return seed
     raise TypeError(
-        "seed must be an int or a single JAX PRNG key (jax.random.key(0)), got "
-        f"{type(seed).__name__}"
+        "seed must be an int, a single JAX PRNG key (jax.random.key(0)) or one "
+        f"key per chain (jax.random.split(key, num_chains)), got {type(seed).__name__}"
+        f"{getattr(seed, 'shape', '')}"
     )
+
+
+def seed_keys(
+    seed: Any, num_chains: int, total_chains: int, batched: bool = False
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The init program's key arguments: ``(root, per-chain keys, use them)``.
+
+    With one seed, chain ``i`` uses ``fold_in(root, i)`` (computed inside the
+    program) and the per-chain keys are zeros. With one key per chain, chain
+    ``i`` uses key ``i``; padding chains reuse the keys of the first chains
+    (their draws are dropped).
+
+    Raises:
+        ValueError: Per-chain keys of the wrong count.
+        TypeError: Per-chain keys for a ``BatchSampler``, or a bad seed.
+    """
+    key = np.asarray(root_key(seed))
+    if key.ndim == 1:
+        return key, np.zeros((total_chains, 2), np.uint32), False
+    if batched:
+        raise TypeError(
+            "BatchSampler takes one seed (data set k, chain i uses "
+            "fold_in(fold_in(seed, k), i)); pass an int or a single key"
+        )
+    if key.shape[0] != num_chains:
+        raise ValueError(
+            f"seed holds {key.shape[0]} keys but num_chains={num_chains}; pass one "
+            "key per chain (jax.random.split(key, num_chains)) or a single key"
+        )
+    chains = np.arange(total_chains) % num_chains
+    return key[0], np.ascontiguousarray(key[chains]), True
 
 
 def chain_key(root: jax.Array, chain: jax.Array) -> jax.Array:

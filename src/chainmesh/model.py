@@ -29,12 +29,18 @@ class ModelInfo(NamedTuple):
             moves), name -> ``jax.ShapeDtypeStruct``.
         deterministic: Names of ``numpyro.deterministic`` sites.
         observed: Names of observed sample sites.
+        enumerated: Discrete latent sites marginalized by enumeration
+            (``infer={"enumerate": "parallel"}``, as NumPyro's NUTS does).
+        max_plate_nesting: Plates nested around any sample site (enumeration
+            puts its dimensions to the left of them).
     """
 
     latent: dict[str, tuple[int, ...]]
     unconstrained: dict[str, jax.ShapeDtypeStruct]
     deterministic: tuple[str, ...]
     observed: tuple[str, ...]
+    enumerated: tuple[str, ...] = ()
+    max_plate_nesting: int = 0
 
 
 def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
@@ -56,6 +62,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
             if site["type"] == "sample":
                 entry["observed"] = bool(site["is_observed"])
                 entry["discrete"] = bool(site["fn"].support.is_discrete)
+                entry["enumerate"] = (site.get("infer") or {}).get("enumerate")
+                dims = [f.dim for f in site["cond_indep_stack"] if f.dim is not None]
+                entry["nesting"] = -min(dims) if dims else 0
                 if not (entry["observed"] or entry["discrete"]):
                     support = biject_to(site["fn"].support)
                     unconstrained[name] = support.inv(site["value"])
@@ -65,12 +74,23 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
     unconstrained = jax.eval_shape(_record, args, kwargs)
     samples = {n: s for n, s in sites.items() if s["type"] == "sample"}
     discrete = [n for n, s in samples.items() if s["discrete"] and not s["observed"]]
-    if discrete:
+    enumerated = tuple(n for n in discrete if samples[n]["enumerate"] == "parallel")
+    if set(discrete) - set(enumerated):
         raise ValueError(
-            f"model has discrete latent sites {discrete}; NUTS samples continuous "
-            "parameters only. Marginalize them out in the model (sum the "
-            "likelihood over their values) or pass them as observed data"
+            f"model has discrete latent sites {sorted(set(discrete) - set(enumerated))}"
+            "; NUTS samples continuous parameters only. Mark them "
+            "infer={'enumerate': 'parallel'} to marginalize them by enumeration "
+            "(as NumPyro's NUTS does; needs pip install 'chainmesh[enum]'), sum "
+            "the likelihood over their values in the model, or pass them as data"
         )
+    if enumerated:
+        try:
+            import funsor  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                f"model has enumerated discrete sites {list(enumerated)}; "
+                "marginalizing them needs funsor: pip install 'chainmesh[enum]'"
+            ) from None
     params = [n for n, s in sites.items() if s["type"] in ("param", "mutable")]
     if params:
         raise ValueError(
@@ -78,7 +98,11 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
             "`numpyro.sample` sites. Give them a prior with numpyro.sample, or "
             "pass fixed values as model arguments"
         )
-    latent = {n: s["shape"] for n, s in samples.items() if not s["observed"]}
+    latent = {
+        n: s["shape"]
+        for n, s in samples.items()
+        if not s["observed"] and n not in enumerated
+    }
     if not latent:
         raise ValueError(
             "model has no latent sample site; there is nothing for NUTS to sample"
@@ -90,12 +114,27 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelInfo:
             n for n, s in sites.items() if s["type"] == "deterministic"
         ),
         observed=tuple(n for n, s in samples.items() if s["observed"]),
+        enumerated=enumerated,
+        max_plate_nesting=max((s["nesting"] for s in samples.values()), default=0),
     )
 
 
-def potential_fn(model: Callable, args: tuple, kwargs: dict) -> Callable:
-    """Potential energy of unconstrained params, for this data."""
-    return partial(potential_energy, model, args, kwargs)
+def prepared(model: Callable, info: ModelInfo) -> Callable:
+    """The model NUTS runs: enumerated sites marginalized, if any (NumPyro's
+    ``enum(config_enumerate(model), -max_plate_nesting - 1)``)."""
+    if not info.enumerated:
+        return model
+    from numpyro.contrib.funsor import config_enumerate, enum
+
+    return enum(config_enumerate(model), -info.max_plate_nesting - 1)
+
+
+def potential_fn(
+    model: Callable, args: tuple, kwargs: dict, enum: bool = False
+) -> Callable:
+    """Potential energy of unconstrained params, for this data (``enum``:
+    enumerated discrete sites summed out, with funsor)."""
+    return partial(potential_energy, model, args, kwargs, enum=enum)
 
 
 def postprocess_fn(model: Callable, args: tuple, kwargs: dict) -> Callable:
@@ -103,11 +142,11 @@ def postprocess_fn(model: Callable, args: tuple, kwargs: dict) -> Callable:
     return partial(constrain_fn, model, args, kwargs, return_deterministic=True)
 
 
-def potential_fn_gen(model: Callable) -> Callable:
+def potential_fn_gen(model: Callable, enum: bool = False) -> Callable:
     """``(*args, **kwargs) -> potential_fn``, the form NumPyro's ``hmc`` takes."""
 
     def gen(*args: Any, **kwargs: Any) -> Callable:
-        return potential_fn(model, args, kwargs)
+        return potential_fn(model, args, kwargs, enum)
 
     return gen
 

@@ -276,12 +276,13 @@ def _over_chains(fn: Callable, inner: str) -> Callable:
 
 
 def _init_fn(kernel: NUTSKernel, strategy: Any, inner: str) -> Callable:
-    def per_device(root, chains, values, args, kwargs):
-        def one(chain, vals):
+    def per_device(root, chains, given, use_given, values, args, kwargs):
+        def one(chain, key, vals):
             init = with_values(vals, strategy) if vals else strategy
-            return kernel.init(chain_key(root, chain), init, args, kwargs)
+            key = jnp.where(use_given, key, chain_key(root, chain))
+            return kernel.init(key, init, args, kwargs)
 
-        return _over_chains(one, inner)(chains, values)
+        return _over_chains(one, inner)(chains, given, values)
 
     return per_device
 
@@ -354,22 +355,24 @@ def init_program(
 ) -> Any:
     """The jitted init program (see ``Sampler``): per-chain keys, inits, state.
 
-    It takes ``(root, chains, values, args, kwargs)``, or with ``sharded``
-    ``(root, shards, chains, values, args, kwargs)`` where shard ``k`` uses
-    the root key ``fold_in(root, k)`` and its own data.
+    It takes ``(root, chains, given, use_given, values, args, kwargs)``:
+    chain ``i`` uses ``given[i]`` if ``use_given`` else ``fold_in(root, i)``;
+    with ``sharded``, ``shards`` follows ``root`` and shard ``k`` uses the root
+    key ``fold_in(root, k)`` and its own data.
     """
-    fn, rep = _init_fn(kernel, strategy, inner), P()
+    fn, rep, lane = _init_fn(kernel, strategy, inner), P(), P(CHAIN)
     if not sharded:
-        in_specs, out_specs = (rep, P(CHAIN), P(CHAIN), rep, rep), P(CHAIN)
+        in_specs = (rep, lane, lane, rep, lane, rep, rep)
+        out_specs = lane
     else:
-        per_shard = _over_shards(fn, (True, False, False, True, True))
+        per_shard = _over_shards(fn, (True, False, False, False, False, True, True))
 
-        def fn(root, shards, chains, values, args, kwargs):
+        def fn(root, shards, chains, given, use_given, values, args, kwargs):
             roots = jax.vmap(chain_key, in_axes=(None, 0))(root, shards)
-            return per_shard(roots, chains, values, args, kwargs)
+            return per_shard(roots, chains, given, use_given, values, args, kwargs)
 
         data = P(SHARD)
-        in_specs = (rep, data, P(CHAIN), P(CHAIN), data, data)
+        in_specs = (rep, data, lane, lane, rep, lane, data, data)
         out_specs = P(SHARD, CHAIN)
     return jax.jit(
         jax.shard_map(

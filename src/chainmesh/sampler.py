@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 from numpyro.infer.hmc import HMCState
 
-from chainmesh import checkpoint, persistent, placement
-from chainmesh.cache import CACHE, COMPILE_LOCK, program_key, signature
-from chainmesh.config import SamplerConfig, resolve_init_strategy
+from chainmesh import arguments, checkpoint, persistent
+from chainmesh.cache import program_key
+from chainmesh.config import SamplerConfig
 from chainmesh.driver import RunOutput, allocate, drive
-from chainmesh.kernels.nuts import build_nuts
-from chainmesh.keys import layout_init_params, root_key
+from chainmesh.keys import root_key
 from chainmesh.mesh import chain_mesh, plan_chains, resolve_devices
-from chainmesh.model import ModelInfo, inspect_model, invalid_init_error
-from chainmesh.program import (
-    STAGES,
-    Programs,
-    build,
-    chunk_program,
-    init_program,
-)
+from chainmesh.model import ModelInfo
 from chainmesh.result import Result, run_stats
+from chainmesh.startup import start
 from chainmesh.store import FileStore, MemoryStore, NullStore
-from chainmesh.validation import as_program_args, check_directory, check_finite
-
-
-class _Started(NamedTuple):
-    """A run after its init program: programs, placed data, initial state."""
-
-    programs: Programs
-    data: tuple
-    state: HMCState
-    real: Any
-    compile_s: float
-    compilations: int
-    init_s: float
-    stages: dict[str, float]
+from chainmesh.validation import as_program_args, check_directory
 
 
 class Sampler:
@@ -91,6 +69,9 @@ class Sampler:
         cache_dir: Directory where compiled programs persist, so a new process
             loads instead of compiling; None: ``$CHAINMESH_CACHE_DIR`` or
             ``~/.cache/chainmesh/xla``; False: no disk cache.
+        static_argnames: Model arguments compiled into the program by value
+            (arrays a model needs as values, e.g. for ``np.unique``); Python
+            ints, bools, strings and other non-arrays are static anyway.
 
     Raises:
         ValueError, TypeError: Any bad argument, before anything compiles.
@@ -118,6 +99,7 @@ class Sampler:
         check_data: bool = True,
         gather: str = "all",
         cache_dir: str | bool | None = None,
+        static_argnames: tuple[str, ...] = (),
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable, got {type(model).__name__}")
@@ -140,6 +122,7 @@ class Sampler:
             check_data=check_data,
             gather=gather,
             cache_dir=cache_dir,
+            static_argnames=static_argnames,
         )
         if checkpoint_dir is not None:
             checkpoint.check_writable(checkpoint_dir, 0)
@@ -151,6 +134,7 @@ class Sampler:
 
     # Data sets on a leading axis (``BatchSampler``) set these three.
     _batched = False
+    _auto_static: tuple[str, ...] = ()  # arguments found to be needed as values
 
     def _keep(self) -> tuple[int, ...]:
         """Leading axes of what the user gets: ``(num_chains,)``."""
@@ -160,10 +144,9 @@ class Sampler:
         """Bool per lane that runs (padding included): True for real ones."""
         return np.arange(self.plan.total_chains) < self.plan.num_chains
 
-    def _cache_key(self, data_signature: tuple) -> tuple:
-        return program_key(
-            self.model, self.config, self.mesh, self.plan, data_signature
-        )
+    def _cache_key(self, data_signature: tuple, model: Any = None) -> tuple:
+        model = self.model if model is None else model
+        return program_key(model, self.config, self.mesh, self.plan, data_signature)
 
     def run(
         self,
@@ -214,14 +197,14 @@ class Sampler:
         padding chains last; ``state.z`` is in unconstrained space.
         """
         args, kwargs = as_program_args(args, kwargs)
-        return self._start(seed, args, kwargs, init_params).state
+        return start(self, seed, args, kwargs, init_params).state
 
     def _sample(
         self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume: bool
     ) -> tuple[RunOutput, dict, dict]:
         """Init, then every chunk: the whole run on converted arguments."""
         loaded = persistent.hits()
-        started = self._start(seed, args, kwargs, init_params)
+        started = start(self, seed, args, kwargs, init_params)
         programs, data, state = started.programs, started.data, started.state
         config, mesh = self.config, self.mesh
         compile_s, compilations = started.compile_s, started.compilations
@@ -238,7 +221,7 @@ class Sampler:
                 config,
                 self.plan,
                 root_key(seed),
-                (args, kwargs),
+                arguments.describable((args, kwargs)),
                 init_params,
             )
             progress, state, save = checkpoint.attach(
@@ -264,116 +247,18 @@ class Sampler:
         loaded = persistent.hits() - loaded
         stats = run_stats(out, compile_s, compilations - loaded, started.init_s)
         stats["programs_from_disk"] = loaded
+        stats["static_args"] = list(started.static)
         stats.update({f"compile_{k}": v for k, v in started.stages.items()})
         extra = dict(out.extra)
         if extra:
             extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
         return out, extra, stats
 
-    def _start(
-        self, seed: Any, args: tuple, kwargs: dict, init_params: Any
-    ) -> _Started:
-        """Validate and place the data, find or build the programs, run init."""
-        config, plan, mesh = self.config, self.plan, self.mesh
-        if config.init_strategy == "init_to_value" and init_params is None:
-            raise ValueError(
-                "init_strategy='init_to_value' needs init_params (site name -> "
-                "value); pass them, or choose another init_strategy"
-            )
-        if config.check_data:
-            check_finite(args, kwargs)
-        place = placement.shard_data if self._batched else placement.replicate
-        data = place((args, kwargs), mesh)
-        cache_key = self._cache_key(signature(data))
-        with COMPILE_LOCK:
-            programs = CACHE.get(cache_key)
-            if programs is None:
-                info = inspect_model(self.model, *self._one_dataset(data))
-                kernel = build_nuts(self.model, config, info)
-                programs = Programs(info=info, kernel=kernel)
-                CACHE.put(cache_key, programs)
-        self.info = programs.info
-        dtype = np.dtype(jax.numpy.result_type(float))
-        values = layout_init_params(
-            init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
-        )
-        missing = sorted(set(programs.info.latent) - set(values))
-        if config.init_strategy == "init_to_value" and missing:
-            warnings.warn(
-                f"init_params gives no value for sites {missing}; they start from "
-                "init_to_uniform (NumPyro's init_to_value fallback). Pass values "
-                "for them, or pick init_strategy='init_to_median' to fill them in",
-                UserWarning,
-                stacklevel=4,
-            )
-        key = root_key(seed)
-        chains = np.arange(plan.total_chains, dtype=np.int32)
-        init_args = (
-            placement.replicate(key, mesh),
-            placement.shard_chains(chains, mesh),
-            placement.shard_chains(values, mesh),
-            *data,
-        )
-        if self._batched:
-            shards = np.arange(len(self._lanes()), dtype=np.int32)
-            shards = placement.shard_data(shards, mesh)
-            init_args = (init_args[0], shards, *init_args[1:])
-        lanes = (placement.shard_data if self._batched else placement.shard_chains)(
-            self._lanes(), mesh
-        )
-        stages = dict.fromkeys(STAGES, 0.0)
-        values_key = signature(values)
-        with COMPILE_LOCK, persistent.active(config.cache_dir):
-            t0 = time.perf_counter()
-            strategy = resolve_init_strategy(config.init_strategy)
-            chunk = None
-            if programs.chunk is None:
-                scalars = [
-                    placement.replicate(np.asarray(v, dtype=t), mesh)
-                    for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
-                ]
-                jitted = chunk_program(
-                    self.model,
-                    programs.kernel,
-                    config.inner,
-                    config.chunk,
-                    mesh,
-                    self._batched,
-                )
-                chunk = (jitted, (lanes, *scalars, *data))
-            init = init_program(
-                programs.kernel, strategy, config.inner, mesh, self._batched
-            )
-            built = build(
-                programs,
-                (init, init_args, values_key),
-                chunk,
-                mesh,
-                self._batched,
-                stages,
-            )
-            compile_s = time.perf_counter() - t0 if built else 0.0
-        t0 = time.perf_counter()
-        state, valid = programs.inits[values_key](*init_args)
-        self._check_init(state, placement.to_host(valid), data)
-        init_s = time.perf_counter() - t0
-        return _Started(programs, data, state, lanes, compile_s, built, init_s, stages)
-
     def _one_dataset(self, data: tuple) -> tuple:
         """Data as the model sees them: without the data-set axis, if any."""
         if not self._batched:
             return data
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
-
-    def _check_init(self, state: Any, valid: np.ndarray, data: tuple) -> None:
-        real = tuple(slice(0, k) for k in self._keep())
-        bad = np.argwhere(~valid[real])
-        if bad.size:
-            z = {k: placement.to_host(v)[tuple(bad[0])] for k, v in state.z.items()}
-            if self._batched:  # the first bad lane's data set
-                data = jax.tree.map(lambda x: placement.to_host(x)[bad[0][0]], data)
-            with COMPILE_LOCK:  # traces the model eagerly
-                raise invalid_init_error(self.model, data, z, bad, self._batched)
 
 
 def sample(

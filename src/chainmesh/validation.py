@@ -29,35 +29,17 @@ def _is_number(x: Any) -> bool:
 
 
 def as_program_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Model arguments as the compiled program takes them.
+    """Model arguments with Python lists of numbers turned into NumPy arrays.
 
-    Python lists of numbers become NumPy arrays (a list is otherwise a pytree
-    of scalars, and ``x.shape`` fails inside the model); anything that is not
-    an array, a number or a pytree of them raises.
-
-    Raises:
-        TypeError: An argument that cannot be a program argument, named.
+    A list is otherwise a pytree of scalars, and ``x.shape`` fails inside the
+    model; NumPy arrays are what a NumPyro user passes. Which arguments are
+    data and which are static is decided later (``chainmesh.arguments``).
     """
-
-    def convert(path: Any, leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array | np.ndarray | np.generic | numbers.Number):
-            return leaf
-        where = _name(path)
-        raise TypeError(
-            f"model argument {where} is a {type(leaf).__name__}; model arguments "
-            "are arguments of the compiled program and must be arrays, numbers "
-            "or lists/tuples/dicts of them. Pass an array (np.asarray(...)), or "
-            "bind other values with functools.partial(model, ...)"
-        )
-
-    def is_leaf(x: Any) -> bool:
-        return _is_number_list(x)
 
     def to_leaf(x: Any) -> Any:
         return np.asarray(x) if _is_number_list(x) else x
 
-    tree = jax.tree.map(to_leaf, (tuple(args), dict(kwargs)), is_leaf=is_leaf)
-    return jax.tree_util.tree_map_with_path(convert, tree)
+    return jax.tree.map(to_leaf, (tuple(args), dict(kwargs)), is_leaf=_is_number_list)
 
 
 def _name(path: tuple) -> str:

@@ -48,11 +48,12 @@ def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> NUTSK
     """Wrap NumPyro NUTS for ``model`` with the adaptation settings of ``config``.
 
     Args:
-        model: NumPyro model.
+        model: NumPyro model (``model.prepared``: enumeration applied).
         config: Sampler configuration (warmup length, target, depth, mass).
         info: The model's sites (for the dense mass block and init shapes).
     """
-    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_fn_gen(model))
+    enum = bool(info.enumerated)
+    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_fn_gen(model, enum))
     # NumPyro's MCMC spells a full dense mass as one block of all sites, sorted.
     dense_mass = [tuple(sorted(info.latent))] if config.dense_mass else []
 
@@ -77,6 +78,7 @@ def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> NUTSK
             key_init,
             model,
             init_strategy=strategy,
+            enum=enum,
             model_args=args,
             model_kwargs=kwargs,
             prototype_params=prototype,
