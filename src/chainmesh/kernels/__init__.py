@@ -5,6 +5,9 @@ A kernel's state is a NamedTuple pytree, so it passes through ``jit``,
 run a kernel over a device's block of chains.
 
 - ``nuts``: NumPyro's NUTS with its windowed adaptation, per chain.
+- ``chees``: ChEES-HMC over a block of chains, its adaptation pooled over
+  the mesh (``ensemble``: pooled statistics; ``hmc``: one fixed-length HMC
+  transition). Not yet a ``Sampler`` option (``docs/kernels.md``).
 """
 
 from chainmesh.kernels.nuts import EXTRA_FIELDS, NUTSKernel, build_nuts, extra_fields

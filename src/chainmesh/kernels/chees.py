@@ -1,0 +1,373 @@
+"""ChEES-HMC over a block of chains, adapted from statistics pooled over a mesh.
+
+ChEES-HMC (Hoffman, Radul & Sountsov, AISTATS 2021) is HMC whose chains all
+run the same number of leapfrog steps in a transition: a jittered trajectory
+length shared by every chain. During warmup, the step size follows dual
+averaging on the harmonic mean of the acceptance probabilities, the trajectory
+length follows Adam on the ChEES criterion, and a diagonal mass matrix is
+estimated from the draws, each from statistics pooled over every real chain
+of the mesh (``ensemble.pooled_sum``: two collectives per warmup transition,
+none per leapfrog step, none after warmup). After warmup everything is
+frozen: plain Metropolis-adjusted HMC.
+
+``init`` and ``build_step`` act on a block of lanes (leading axis). The
+adaptation state is the same on every lane and is stored replicated per lane,
+so every leaf of the state is lane-shaped (one partition spec for all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from chainmesh.kernels import hmc
+from chainmesh.kernels.ensemble import (
+    AxisName,
+    Welford,
+    mass_schedule,
+    pooled_sum,
+    welford_batch,
+    welford_init,
+    welford_merge,
+    welford_variance,
+)
+
+DA_GAMMA, DA_T0, DA_KAPPA = 0.05, 10.0, 0.75
+"""Nesterov dual averaging constants (Stan's and NumPyro's)."""
+
+MAX_LOG_UPDATE = 0.35
+"""Largest change of the log trajectory length per transition (about log(2)/2)."""
+
+RESTART_LENGTH = 1.0
+"""Trajectory length after a mass matrix update. In the new metric the
+marginal standard deviations are about 1, so the ChEES optimum of a
+near-Gaussian posterior is above 1 (about 1.6 for independent coordinates,
+more with correlations). Below its optimum the ChEES gradient points up; far
+above it the criterion is flat, and Adam would not bring a long length back."""
+
+HALTON_BITS = 24
+"""Bits of the base-2 Halton jitter; it repeats every 2**24 transitions."""
+
+
+class ChEESAdaptState(NamedTuple):
+    """The shared adaptation state (scalars and ``(d,)`` vectors).
+
+    Attributes:
+        step: Transitions taken; also the index of the Halton jitter.
+        log_step_size: Dual averaging iterate, used during warmup.
+        log_step_size_avg: Its weighted average, the step size after warmup.
+        da_mu: Dual averaging shrinkage target, ``log(10 * step_size)``.
+        da_h_bar: Dual averaging running mean of ``target - accept``.
+        window_count: Updates since the last mass matrix change (dual
+            averaging's counter, and the weight of the trajectory average).
+        log_trajectory_length: Adam iterate, used during warmup.
+        log_trajectory_length_avg: Its average (weights ``k**-0.5``), the
+            trajectory length after warmup.
+        adam_m: Adam's first moment of the ChEES gradient.
+        adam_v: Adam's second moment.
+        inv_mass: ``(d,)`` diagonal inverse mass matrix.
+        welford: Pooled moments of the current mass matrix window.
+    """
+
+    step: jax.Array
+    log_step_size: jax.Array
+    log_step_size_avg: jax.Array
+    da_mu: jax.Array
+    da_h_bar: jax.Array
+    window_count: jax.Array
+    log_trajectory_length: jax.Array
+    log_trajectory_length_avg: jax.Array
+    adam_m: jax.Array
+    adam_v: jax.Array
+    inv_mass: jax.Array
+    welford: Welford
+
+
+class ChEESState(NamedTuple):
+    """State of a block of chains; every leaf has the leading lane axis.
+
+    Attributes:
+        position: Pytree of unconstrained values, leaves ``(lanes, ...)``.
+        potential_energy: ``(lanes,)``.
+        grad: Gradient of the potential, structured like ``position``.
+        adapt: ``ChEESAdaptState`` replicated on every lane.
+    """
+
+    position: Any
+    potential_energy: jax.Array
+    grad: Any
+    adapt: ChEESAdaptState
+
+
+class ChEESInfo(NamedTuple):
+    """Per-lane facts about one transition, each ``(lanes,)``.
+
+    Attributes:
+        accept_prob: Metropolis acceptance probability of the proposal.
+        num_steps: Leapfrog steps (int32), equal on every lane.
+        diverging: Energy error above ``max_delta_energy`` or not finite.
+        energy: Hamiltonian at the new state.
+        step_size: Step size used.
+    """
+
+    accept_prob: jax.Array
+    num_steps: jax.Array
+    diverging: jax.Array
+    energy: jax.Array
+    step_size: jax.Array
+
+
+def halton(i: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Base-2 Halton (van der Corput) number of index ``i + 1``, in (0, 1)."""
+    bits = jnp.arange(HALTON_BITS, dtype=jnp.int32)
+    digits = ((i.astype(jnp.int32) + 1) >> bits) & 1
+    return (digits * 0.5 ** (bits + 1.0)).sum().astype(dtype)
+
+
+def _first_lane(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _flat(tree: Any) -> tuple[jax.Array, Callable]:
+    """Lane pytree -> ``(lanes, d)`` matrix, and the unravel of one lane."""
+    _, unravel = ravel_pytree(_first_lane(tree))
+    return jax.vmap(lambda t: ravel_pytree(t)[0])(tree), unravel
+
+
+def _replicate(tree: Any, lanes: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (lanes, *jnp.shape(x))), tree)
+
+
+def init(
+    positions: Any,
+    potential_fn: Callable,
+    step_size: float = 1.0,
+    trajectory_length: float = RESTART_LENGTH,
+) -> ChEESState:
+    """The state of a block of chains at ``positions``.
+
+    Args:
+        positions: Pytree of unconstrained values, leaves ``(lanes, ...)``.
+        potential_fn: Negative log density of one chain's position pytree.
+        step_size: Initial step size (dual averaging adjusts it).
+        trajectory_length: Initial trajectory length (Adam adjusts it).
+    """
+    potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
+    flat, _ = _flat(positions)
+    lanes, dim = flat.shape
+    dtype = flat.dtype
+    log_eps = jnp.log(jnp.asarray(step_size, dtype))
+    log_t = jnp.log(jnp.asarray(trajectory_length, dtype))
+    zero = jnp.zeros((), dtype)
+    adapt = ChEESAdaptState(
+        step=jnp.zeros((), jnp.int32),
+        log_step_size=log_eps,
+        log_step_size_avg=log_eps,
+        da_mu=log_eps + jnp.log(10.0).astype(dtype),
+        da_h_bar=zero,
+        window_count=zero,
+        log_trajectory_length=log_t,
+        log_trajectory_length_avg=log_t,
+        adam_m=zero,
+        adam_v=zero,
+        inv_mass=jnp.ones(dim, dtype),
+        welford=welford_init(dim, dtype),
+    )
+    return ChEESState(positions, potential, grad, _replicate(adapt, lanes))
+
+
+def build_step(
+    potential_fn: Callable,
+    num_warmup: int,
+    target_accept: float = 0.651,
+    axis_name: AxisName = None,
+    *,
+    learning_rate: float = 0.025,
+    adam_betas: tuple[float, float] = (0.0, 0.95),
+    max_num_steps: int = 1000,
+    max_delta_energy: float = 1000.0,
+    reproducible: bool = True,
+) -> Callable[[jax.Array, ChEESState, jax.Array], tuple[ChEESState, ChEESInfo]]:
+    """Build ``step(keys, state, real) -> (state, info)`` for a block of chains.
+
+    Call ``step`` inside ``shard_map`` over a mesh whose ``axis_name`` axes
+    carry chains (or outside one with ``axis_name=None``). ``keys`` holds one
+    PRNG key per lane (``(lanes,)`` typed keys or ``(lanes, 2)`` raw), so a
+    chain's momentum and acceptance draws depend on its own key only;
+    ``real`` is False on padding lanes, which never enter a pooled statistic.
+
+    Args:
+        potential_fn: Negative log density of one chain's position pytree.
+        num_warmup: Adaptive transitions; later ones are frozen HMC.
+        target_accept: Target harmonic-mean acceptance probability.
+        axis_name: Mesh axis or axes to pool over; None: the local block.
+        learning_rate: Adam's learning rate on the log trajectory length.
+        adam_betas: Adam's ``(beta1, beta2)``; the paper's ``(0, 0.95)``.
+        max_num_steps: Cap on the leapfrog steps of a transition.
+        max_delta_energy: Energy error beyond which a transition diverges.
+        reproducible: Pool by gathering every lane's statistics and summing
+            them in chain order, so the adaptation does not depend on the
+            device split; False: ``psum`` of per-device sums (less traffic,
+            but rounding differences grow, see ``ensemble.pooled_sum``).
+    """
+    collect, window_end = mass_schedule(num_warmup)
+    pool = partial(pooled_sum, axis_name=axis_name, reproducible=reproducible)
+    hyper = _Hyper(
+        num_warmup, target_accept, pool, learning_rate, *adam_betas,
+        max_num_steps, jnp.asarray(collect), jnp.asarray(window_end),
+    )  # fmt: skip
+
+    def step(
+        keys: jax.Array, state: ChEESState, real: jax.Array
+    ) -> tuple[ChEESState, ChEESInfo]:
+        a = _first_lane(state.adapt)
+        x0, unravel = _flat(state.position)
+        lanes, dtype = x0.shape[0], x0.dtype
+
+        warm = a.step < num_warmup
+        eps = jnp.exp(jnp.where(warm, a.log_step_size, a.log_step_size_avg))
+        length = jnp.exp(
+            jnp.where(warm, a.log_trajectory_length, a.log_trajectory_length_avg)
+        )
+        jitter = halton(a.step, dtype)
+        num_steps = jnp.clip(jnp.ceil(jitter * length / eps), 1, max_num_steps)
+        num_steps = num_steps.astype(jnp.int32)
+
+        def potential(q: jax.Array) -> jax.Array:
+            return potential_fn(unravel(q))
+
+        start = (x0, state.potential_energy, _flat(state.grad)[0])
+        moved = hmc.transition(potential, keys, start, eps, a.inv_mass, num_steps)
+
+        def adapt(a: ChEESAdaptState) -> ChEESAdaptState:
+            return _adapt(a, _Stats(x0, moved, real, jitter * length), hyper)
+
+        a = lax.cond(warm, adapt, lambda a: a._replace(step=a.step + 1), a)
+        new = ChEESState(
+            jax.vmap(unravel)(moved.x),
+            moved.potential_energy,
+            jax.vmap(unravel)(moved.grad),
+            _replicate(a, lanes),
+        )
+        info = ChEESInfo(
+            accept_prob=moved.accept_prob,
+            num_steps=jnp.full((lanes,), num_steps),
+            diverging=moved.delta > max_delta_energy,
+            energy=moved.energy,
+            step_size=jnp.full((lanes,), eps),
+        )
+        return new, info
+
+    return step
+
+
+class _Hyper(NamedTuple):
+    """Static settings of the adaptation (``build_step``'s arguments)."""
+
+    num_warmup: int
+    target_accept: float
+    pool: Callable  # (per-lane tree, real) -> tree of pooled sums
+    learning_rate: float
+    beta1: float
+    beta2: float
+    max_num_steps: int
+    collect: jax.Array  # bool per warmup transition: add draws to the window
+    window_end: jax.Array  # bool per warmup transition: update the mass matrix
+
+
+class _Stats(NamedTuple):
+    """What the adaptation needs from one transition."""
+
+    x0: jax.Array  # (lanes, d) positions before it
+    moved: hmc.Moved  # proposals, momenta, new positions, acceptance
+    real: jax.Array  # (lanes,) bool
+    time: jax.Array  # its jittered trajectory length
+
+
+def _chees_gradient(
+    a: ChEESAdaptState, stats: _Stats, hyper: _Hyper
+) -> tuple[dict, jax.Array]:
+    """Pooled statistics (collective 1) and the ChEES gradient with respect to
+    the log trajectory length, acceptance-weighted (collective 2)."""
+    x0, moved, real, time = stats
+    x1, p1, accept_prob = moved.x1, moved.p1, moved.accept_prob
+    # ChEES lives in the whitened space of the current mass matrix: positions
+    # x / sd and velocities d(x / sd)/dt = sd * p, with sd = sqrt(inv_mass).
+    sd = jnp.sqrt(a.inv_mass)
+    w0, w1, v1 = x0 / sd, x1 / sd, p1 * sd
+    finite = jnp.isfinite(w1).all(-1) & jnp.isfinite(v1).all(-1)
+    weight = jnp.where(finite, accept_prob, 0.0)
+    w1, v1 = (jnp.where(finite[:, None], z, 0.0) for z in (w1, v1))
+    per_lane = {
+        "n": jnp.ones_like(accept_prob),
+        "inv_accept": 1.0 / jnp.maximum(accept_prob, 1e-10),
+        "weight": weight,
+        "proposal": weight[:, None] * w1,
+        "initial": w0,
+        "batch": welford_batch(a.welford, moved.x),
+    }
+    pooled = hyper.pool(per_lane, real)
+    c1 = w1 - pooled["proposal"] / (pooled["weight"] + 1e-20)
+    c0 = w0 - pooled["initial"] / pooled["n"]
+    change = ((c1 * c1).sum(-1) - (c0 * c0).sum(-1)) * (c1 * v1).sum(-1)
+    change = jnp.where(jnp.isfinite(change), weight * change, 0.0)
+    grad = time * hyper.pool(change, real) / (pooled["weight"] + 1e-20)
+    return pooled, jnp.where(jnp.isfinite(grad), grad, 0.0)
+
+
+def _adapt(a: ChEESAdaptState, stats: _Stats, hyper: _Hyper) -> ChEESAdaptState:
+    """One warmup update of the shared parameters from pooled statistics."""
+    dtype = stats.x0.dtype
+    pooled, grad = _chees_gradient(a, stats, hyper)
+
+    # Step size: dual averaging on the harmonic mean acceptance probability.
+    count = a.window_count + 1.0
+    error = hyper.target_accept - pooled["n"] / pooled["inv_accept"]
+    h_bar = (1 - 1 / (count + DA_T0)) * a.da_h_bar + error / (count + DA_T0)
+    log_eps = a.da_mu - jnp.sqrt(count) / DA_GAMMA * h_bar
+    eta = count**-DA_KAPPA
+    log_eps_avg = eta * log_eps + (1 - eta) * a.log_step_size_avg
+
+    # Trajectory length: Adam ascent on ChEES in log space, clipped, averaged.
+    k = (a.step + 1).astype(dtype)
+    m = hyper.beta1 * a.adam_m + (1 - hyper.beta1) * grad
+    v = hyper.beta2 * a.adam_v + (1 - hyper.beta2) * grad**2
+    m_hat, v_hat = m / (1 - hyper.beta1**k), v / (1 - hyper.beta2**k)
+    update = hyper.learning_rate * m_hat / (jnp.sqrt(v_hat) + 1e-8)
+    log_t = a.log_trajectory_length + jnp.clip(update, -MAX_LOG_UPDATE, MAX_LOG_UPDATE)
+    log_t = jnp.minimum(log_t, log_eps + jnp.log(hyper.max_num_steps))
+    w = count**-0.5
+    log_t_avg = w * log_t + (1 - w) * a.log_trajectory_length_avg
+
+    # Mass matrix: pooled moments of the slow windows; at a window's end, the
+    # new mass matrix restarts dual averaging and the trajectory average.
+    t = jnp.minimum(a.step, hyper.num_warmup - 1)
+    merged = welford_merge(a.welford, pooled["batch"])
+    welford = jax.tree.map(partial(jnp.where, hyper.collect[t]), merged, a.welford)
+    ended = hyper.window_end[t]
+    inv_mass = welford_variance(welford)
+    # A new metric changes the time scale: restart the length where ChEES's
+    # gradient is informative (see RESTART_LENGTH).
+    log_t = jnp.where(ended, jnp.log(RESTART_LENGTH).astype(dtype), log_t)
+    zero = jnp.zeros((), dtype)
+    emptied = Welford(zero, welford.mean, jnp.zeros_like(welford.m2))
+    return ChEESAdaptState(
+        step=a.step + 1,
+        log_step_size=log_eps,
+        log_step_size_avg=jnp.where(ended, log_eps, log_eps_avg),
+        da_mu=jnp.where(ended, log_eps + jnp.log(10.0).astype(dtype), a.da_mu),
+        da_h_bar=jnp.where(ended, zero, h_bar),
+        window_count=jnp.where(ended, zero, count),
+        log_trajectory_length=log_t,
+        log_trajectory_length_avg=jnp.where(ended, log_t, log_t_avg),
+        adam_m=m,
+        adam_v=v,
+        inv_mass=jnp.where(ended, inv_mass, a.inv_mass),
+        welford=jax.tree.map(partial(jnp.where, ended), emptied, welford),
+    )

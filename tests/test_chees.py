@@ -1,0 +1,282 @@
+"""ChEES-HMC over a mesh: correctness, device independence, padding, lockstep.
+
+Every run is one ``jit(shard_map(...))`` program: ``init``, then a ``scan`` of
+``step`` with per-lane keys ``fold_in(fold_in(root, chain), transition)``.
+"""
+
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from numpyro.infer import MCMC, NUTS
+from numpyro.infer.util import potential_energy
+
+from chainmesh.diagnostics import effective_sample_size
+from chainmesh.examples import eight_schools, eight_schools_data
+from chainmesh.kernels import chees
+from chainmesh.mesh import CHAIN
+
+SCALES = np.logspace(-1, 1, 10).astype(np.float32)
+"""Standard deviations of the test Gaussian: two decades."""
+
+
+def gaussian_potential(z: dict, scales=SCALES) -> jax.Array:
+    return 0.5 * jnp.sum((z["x"] / scales) ** 2)
+
+
+def block_program(potential, num_warmup: int, num_draws: int, **options):
+    """``(positions, chain_ids, real) -> (state, draws, info)`` for one block.
+
+    ``draws`` (positions) and ``info`` have the transitions on axis 1; the
+    lane keys are ``fold_in(fold_in(key(0), chain id), transition)``.
+    """
+    step = chees.build_step(potential, num_warmup, **options)
+    root = jax.random.key(0)
+
+    def program(positions, chain_ids, real):
+        state = chees.init(positions, potential)
+
+        def one(state, t):
+            keys = jax.vmap(
+                lambda c: jax.random.fold_in(jax.random.fold_in(root, c), t)
+            )(chain_ids)
+            state, info = step(keys, state, real)
+            return state, (state.position, info)
+
+        steps = jnp.arange(num_warmup + num_draws)
+        state, (draws, info) = jax.lax.scan(one, state, steps)
+        lanes_first = partial(jax.tree.map, partial(jnp.swapaxes, axis1=0, axis2=1))
+        return state, lanes_first(draws), lanes_first(info)
+
+    return program
+
+
+def run(
+    potential,
+    positions: dict,
+    num_warmup: int,
+    num_draws: int,
+    devices: int | None,
+    real=None,
+    chain_ids=None,
+    reproducible: bool = True,
+):
+    """Run ChEES on ``devices`` (None: one block, no mesh); numpy results."""
+    lanes = jax.tree.leaves(positions)[0].shape[0]
+    real = np.ones(lanes, bool) if real is None else np.asarray(real)
+    chain_ids = np.arange(lanes) if chain_ids is None else np.asarray(chain_ids)
+    axis = None if devices is None else CHAIN
+    program = block_program(
+        potential, num_warmup, num_draws, axis_name=axis, reproducible=reproducible
+    )
+    args = (positions, chain_ids, real)
+    if devices is None:
+        out = jax.jit(program)(*args)
+    else:
+        mesh = Mesh(np.array(jax.devices()[:devices]), (CHAIN,))
+        args = jax.device_put(args, NamedSharding(mesh, P(CHAIN)))
+        fn = jax.shard_map(
+            program, mesh=mesh, in_specs=P(CHAIN), out_specs=P(CHAIN), check_vma=False
+        )
+        out = jax.jit(fn)(*args)
+    return jax.tree.map(np.asarray, out)
+
+
+def uniform_init(chains: int, dim: int, seed: int = 1) -> np.ndarray:
+    """NumPyro's init_to_uniform: uniform(-2, 2) in unconstrained space."""
+    return np.random.default_rng(seed).uniform(-2, 2, (chains, dim)).astype(np.float32)
+
+
+def assert_trees(a, b, rtol: float | None = None) -> None:
+    """Leaves of ``a`` and ``b`` equal (bitwise, or to ``rtol``)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if rtol is None:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
+
+
+def shared(state: chees.ChEESState) -> chees.ChEESAdaptState:
+    """The adaptation state of lane 0 (it is the same on every lane)."""
+    return jax.tree.map(lambda x: x[0], state.adapt)
+
+
+@pytest.fixture(scope="module")
+def gaussian_run():
+    """64 chains on 8 devices, 500 warmup + 1000 draws of the 10-d Gaussian."""
+    return run(gaussian_potential, {"x": uniform_init(64, 10)}, 500, 1000, 8)
+
+
+def test_gaussian_moments_and_mass_matrix(gaussian_run):
+    state, draws, info = gaussian_run
+    x = draws["x"][:, 500:]
+    for j, scale in enumerate(SCALES):
+        ess = effective_sample_size(x[..., j])
+        assert ess > 5000, (j, ess)
+        mcse = x[..., j].std() / np.sqrt(ess)
+        assert abs(x[..., j].mean()) < 4 * mcse, (j, x[..., j].mean(), mcse)
+        np.testing.assert_allclose(x[..., j].std(), scale, rtol=0.1)
+    np.testing.assert_allclose(shared(state).inv_mass, SCALES**2, rtol=0.1)
+    assert not info.diverging[:, 500:].any()
+    assert 0.6 < info.accept_prob[:, 500:].mean() < 0.95
+    assert np.unique(info.step_size[:, 500:]).size == 1  # frozen after warmup
+
+
+def test_every_chain_takes_the_same_number_of_steps(gaussian_run):
+    state, _, info = gaussian_run
+    steps = info.num_steps
+    assert (steps == steps[:1]).all()
+    # After warmup: ceil(jitter * T / eps), the jitter a Halton number of t.
+    a = shared(state)
+    length, eps = np.exp(a.log_trajectory_length_avg), np.exp(a.log_step_size_avg)
+    jitter = np.asarray(jax.vmap(chees.halton)(jnp.arange(500, 1500)))
+    np.testing.assert_array_equal(steps[0, 500:], np.ceil(jitter * length / eps))
+    assert np.unique(steps[0, 500:]).size >= 2  # the jitter varies the length
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_adaptation_does_not_depend_on_the_device_split(reproducible):
+    x = {"x": uniform_init(8, 10)}
+    go = partial(run, gaussian_potential, x, 100, 20, reproducible=reproducible)
+    one, four = go(1), go(4)
+    if reproducible:
+        # All 120 transitions: the pooled sums are bitwise equal, the rest
+        # agrees to float rounding.
+        assert_trees(shared(one[0]), shared(four[0]), rtol=1e-5)
+        np.testing.assert_allclose(one[1]["x"], four[1]["x"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(one[2].num_steps, four[2].num_steps)
+        block = run(gaussian_potential, x, 100, 20, None)  # no mesh, one block
+        assert_trees(one, block)
+    else:
+        # psum of per-device sums rounds differently; the adaptation feedback
+        # amplifies it, so only the first transitions agree.
+        np.testing.assert_allclose(
+            one[1]["x"][:, :20], four[1]["x"][:, :20], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            one[2].step_size[:, :20], four[2].step_size[:, :20], rtol=1e-4
+        )
+
+
+def test_padding_lanes_never_enter_the_adaptation():
+    x = uniform_init(6, 10)
+    lanes = [0, 1, 2, None, 3, 4, 5, None]  # 4 devices x 2 lanes, 2 padding
+    real = np.array([i is not None for i in lanes])
+    ids = np.array([100 + j if i is None else i for j, i in enumerate(lanes)])
+
+    def padded(values):
+        rows = [x[i] if i is not None else values.pop() for i in lanes]
+        return run(gaussian_potential, {"x": np.stack(rows)}, 100, 20, 4, real, ids)
+
+    full = partial(np.full, 10, dtype=np.float32)
+    wild, tame = padded([full(1e6), full(np.nan)]), padded([x[0], x[1]])
+    assert np.isnan(wild[0].potential_energy[3])  # NaN stays NaN
+    np.testing.assert_array_equal(wild[1]["x"][real], tame[1]["x"][real])
+    assert_trees(wild[0].adapt, tame[0].adapt)
+    bare = run(gaussian_potential, {"x": x}, 100, 20, 3)  # 3 devices x 2, none
+    assert_trees(shared(wild[0]), shared(bare[0]), rtol=1e-5)
+    np.testing.assert_allclose(wild[1]["x"][real], bare[1]["x"], rtol=1e-5, atol=1e-6)
+
+
+def test_eight_schools_matches_numpyro_nuts():
+    sigma, y = eight_schools_data().args
+    potential = partial(potential_energy, eight_schools, (sigma,), {"y": y})
+    z = uniform_init(64, 10, seed=3)
+    init = {"mu": z[:, 0], "tau": z[:, 1], "theta_raw": z[:, 2:]}
+    _, draws, info = run(potential, init, 500, 500, 8)
+    assert info.diverging[:, 500:].mean() < 0.01
+    ours = {"mu": draws["mu"][:, 500:], "tau": np.exp(draws["tau"][:, 500:])}
+
+    mcmc = MCMC(
+        NUTS(eight_schools),
+        num_warmup=1000,
+        num_samples=2000,
+        num_chains=4,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+    mcmc.run(jax.random.key(0), sigma, y=y)
+    ref = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    for name, expected in (("mu", 4.4), ("tau", 3.6)):
+        a, b = ours[name], ref[name]
+        mcse = [v.std() / np.sqrt(effective_sample_size(v)) for v in (a, b)]
+        assert abs(a.mean() - b.mean()) < 4 * np.hypot(*mcse), name
+        assert abs(a.mean() - expected) < 0.25, name
+
+
+def test_shards_vmapped_on_a_device_pool_within_their_own_shard():
+    """Two data shards per device, vmapped, pooling over "chain" only.
+
+    Each shard adapts to its own target; the vmapped program rounds a few
+    operations differently from a lone shard's, so only the first transitions
+    agree to rounding (later ones diverge, as with psum, but stay correct).
+    """
+    scales = np.stack([SCALES, 3 * SCALES[::-1]])  # shard k's data
+    x = np.stack([uniform_init(16, 10, seed=k) for k in range(2)])
+    mesh = Mesh(np.array(jax.devices()[:4]), (CHAIN,))
+
+    def shard(positions, ids, real, scale):
+        potential = partial(gaussian_potential, scales=scale)
+        return block_program(potential, 200, 0, axis_name=CHAIN)(positions, ids, real)
+
+    fn = jax.shard_map(
+        jax.vmap(shard, in_axes=(0, None, None, 0)),
+        mesh=mesh,
+        in_specs=(P(None, CHAIN), P(CHAIN), P(CHAIN), P()),
+        out_specs=P(None, CHAIN),
+        check_vma=False,
+    )
+    state, draws, _ = jax.jit(fn)({"x": x}, np.arange(16), np.ones(16, bool), scales)
+    for k in range(2):
+        inv_mass = np.asarray(state.adapt.inv_mass[k, 0])
+        assert np.abs(np.log(inv_mass / scales[k] ** 2)).max() < np.log(1.6)
+        potential = partial(gaussian_potential, scales=scales[k])
+        alone = run(potential, {"x": x[k]}, 200, 0, 4)[1]["x"]
+        np.testing.assert_allclose(
+            np.asarray(draws["x"][k, :, :4]), alone[:, :4], rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    "reproducible, op", [(True, "all_gather"), (False, "all_reduce")]
+)
+def test_a_step_has_two_collectives(reproducible, op):
+    """Both in the warmup update: none per leapfrog step, none else."""
+    step = chees.build_step(
+        gaussian_potential, 30, axis_name=CHAIN, reproducible=reproducible
+    )
+    x = {"x": jnp.asarray(uniform_init(8, 10))}
+    state = jax.eval_shape(partial(chees.init, potential_fn=gaussian_potential), x)
+    mesh = Mesh(np.array(jax.devices()[:4]), (CHAIN,))
+    fn = jax.shard_map(
+        step, mesh=mesh, in_specs=P(CHAIN), out_specs=P(CHAIN), check_vma=False
+    )
+    keys = jax.random.split(jax.random.key(0), 8)
+    text = jax.jit(fn).lower(keys, state, jnp.ones(8, bool)).as_text()
+    ops = re.findall(
+        r"stablehlo\.(all_gather|all_reduce|all_to_all|collective_\w+)", text
+    )
+    assert ops == [op, op]
+
+
+def test_the_potential_is_traced_once_per_step_whatever_the_warmup():
+    traces = [0]
+
+    def potential(z):
+        traces[0] += 1
+        return gaussian_potential(z)
+
+    x = {"x": jnp.asarray(uniform_init(4, 10))}
+    state = chees.init(x, potential)
+    assert traces[0] == 1
+    for num_warmup in (0, 10, 1000):
+        traces[0] = 0
+        step = chees.build_step(potential, num_warmup)
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)  # raw (4, 2) keys
+        jax.make_jaxpr(step)(keys, state, jnp.ones(4, bool))
+        assert traces[0] == 1
