@@ -212,3 +212,25 @@ def test_static_argnames_makes_an_array_static():
     mean, sd = Y.sum() / (25 + 0.01), (25 + 0.01) ** -0.5
     ess = cm.diagnostics.ess_bulk(result.samples["mu"])
     assert abs(result.samples["mu"].mean() - mean) <= 4 * sd / np.sqrt(ess)
+
+
+def test_static_values_resume_and_feed_cmc_shards(tmp_path):
+    """Static values are part of a checkpoint's identity, and shared by CMC shards."""
+    config = {**CONFIG, "num_warmup": 40, "num_samples": 40, "chunk_size": 20}
+    sampler = cm.Sampler(funnel, checkpoint_dir=str(tmp_path), **config)
+    first = sampler.run(0, dim=2)
+    resumed = sampler.run(0, dim=2, resume=True)
+    np.testing.assert_array_equal(resumed.samples["x"], first.samples["x"])
+    with pytest.raises(ValueError, match="cannot resume"):
+        sampler.run(0, dim=3, resume=True)
+
+    def shard_model(y, scale):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.Normal(mu, float(scale)), obs=y)
+
+    shards = [(Y[:12], 1), (Y[12:24], 1)]
+    out = cm.cmc.sample(shard_model, shards, **{**config, "num_samples": 100})
+    assert out.shards[0].stats["static_args"] == ["scale"]
+    assert abs(out.combined["mu"].mean() - Y[:24].mean()) < 0.5
+    with pytest.raises(ValueError, match="differs between shards"):
+        cm.cmc.sample(shard_model, [(Y[:12], 1), (Y[12:24], 2)], **config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -53,6 +54,11 @@ class BatchResult:
     def num_datasets(self) -> int:
         """Data sets in the result."""
         return self.plan.num_shards
+
+
+def _dataset(x: Any, k: int) -> Any:
+    """Data set ``k`` of an argument (static values are shared)."""
+    return x[k] if is_data(x) and np.ndim(x) else x
 
 
 class BatchSampler(Sampler):
@@ -129,8 +135,8 @@ class BatchSampler(Sampler):
                 self.plan,
                 stats,
                 model=self.model,
-                model_args=jax.tree.map(lambda x, k=k: x[k], args),
-                model_kwargs=jax.tree.map(lambda x, k=k: x[k], kwargs),
+                model_args=jax.tree.map(partial(_dataset, k=k), args),
+                model_kwargs=jax.tree.map(partial(_dataset, k=k), kwargs),
             )
             for k in range(self.shards.num_shards if out.draws else 0)
         ]
