@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -81,8 +80,8 @@ def canonical(model: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(positional), named
 
 
-def argument_names(model: Callable, args: tuple, kwargs: dict) -> list[str]:
-    """A display name for each positional argument (``args[i]``)."""
+def _positional_names(args: tuple) -> list[str]:
+    """The display name of each positional argument left after ``canonical``."""
     return [f"args[{i}]" for i in range(len(args))]
 
 
@@ -115,7 +114,7 @@ def split(
     """
     static_names = set(static_names)
     args, kwargs = canonical(model, args, kwargs)
-    positional = argument_names(model, args, kwargs)
+    positional = _positional_names(args)
     values: list[Any] = []
     names: list[str] = []
 
@@ -181,10 +180,9 @@ NEEDS_VALUE = (
 """JAX's errors for Python code that needs the value of a traced array."""
 
 
-def candidates(split_: Split, args: tuple, kwargs: dict, model: Callable) -> list:
+def candidates(split_: Split) -> list[str]:
     """Names of the arguments that hold data (arrays), in order."""
-    args, kwargs = canonical(model, args, kwargs)
-    positional = argument_names(model, args, kwargs)
+    positional = _positional_names(split_.args)
     out = [
         n for n, a in zip(positional, split_.args, strict=True) if jax.tree.leaves(a)
     ]
@@ -205,11 +203,6 @@ def needs_value_error(model: Callable, err: Exception, tried: list[str]) -> Type
         "into the program (a new value compiles again); or bind it with "
         "functools.partial(model, name=value)"
     )
-
-
-def is_number(x: Any) -> bool:
-    """A Python number that is not a bool."""
-    return isinstance(x, numbers.Number) and not isinstance(x, bool)
 
 
 def describable(tree: Any) -> Any:

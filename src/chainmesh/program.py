@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -47,8 +48,6 @@ LOW_BITS = 20
 
 def wide_total(words: Any) -> list[int]:
     """Host side: ``(..., len(COUNTERS), 2)`` words -> exact Python int totals."""
-    import numpy as np
-
     words = np.asarray(words, dtype=np.int64).reshape(-1, len(COUNTERS), 2).sum(0)
     return [int(hi) * (1 << LOW_BITS) + int(lo) for lo, hi in words]
 

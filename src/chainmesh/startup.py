@@ -40,13 +40,15 @@ class Started(NamedTuple):
     static: tuple[str, ...]
 
 
-def _programs(sampler: Any, args: tuple, kwargs: dict) -> tuple[Programs, tuple, Any]:
+def _programs(
+    sampler: Any, args: tuple, kwargs: dict
+) -> tuple[Programs, tuple, Any, arguments.BoundModel]:
     """Split, place, look up (or inspect and build) the programs.
 
-    Returns ``(programs, placed data, split)``. A model that needs an array
-    argument's value while it is traced is retried with that argument static
-    (once per sampler, with a warning); if nothing helps, one ``TypeError``
-    names the fixes.
+    Returns ``(programs, placed data, split, bound model)``. A model that
+    needs an array argument's value while it is traced is retried with that
+    argument static (once per sampler, with a warning); if nothing helps, one
+    ``TypeError`` names the fixes.
     """
     config, mesh = sampler.config, sampler.mesh
     names = (*config.static_argnames, *sampler._auto_static)
@@ -60,7 +62,7 @@ def _programs(sampler: Any, args: tuple, kwargs: dict) -> tuple[Programs, tuple,
     with COMPILE_LOCK:
         programs = CACHE.get(key)
         if programs is not None:
-            return programs, data, split
+            return programs, data, split, bound
         try:
             info = inspect_model(bound, *sampler._one_dataset(data))
         except arguments.NEEDS_VALUE as err:
@@ -84,7 +86,7 @@ def _programs(sampler: Any, args: tuple, kwargs: dict) -> tuple[Programs, tuple,
         kernel = build_nuts(prepared(bound, info), config, info)
         programs = Programs(info=info, kernel=kernel)
         CACHE.put(key, programs)
-    return programs, data, split
+    return programs, data, split, bound
 
 
 def _note_static(err: Exception, split: Any) -> None:
@@ -102,7 +104,7 @@ def _find_static(
 ) -> list[str]:
     """The fewest data arguments whose values make the model traceable."""
     known = (*sampler.config.static_argnames, *sampler._auto_static)
-    todo = arguments.candidates(split, args, kwargs, sampler.model)
+    todo = arguments.candidates(split)
 
     def traces(names: list[str]) -> bool:
         trial = arguments.split(sampler.model, args, kwargs, (*known, *names))
@@ -137,7 +139,7 @@ def start(
             "init_strategy='init_to_value' needs init_params (site name -> "
             "value); pass them, or choose another init_strategy"
         )
-    programs, data, split = _programs(sampler, args, kwargs)
+    programs, data, split, bound = _programs(sampler, args, kwargs)
     sampler.info = programs.info
     dtype = np.dtype(jax.numpy.result_type(float))
     values = layout_init_params(
@@ -173,9 +175,48 @@ def start(
     )
     stages = dict.fromkeys(STAGES, 0.0)
     values_key = signature(values)
-    bound = arguments.BoundModel(sampler.model, split.values, split.key)
-    with COMPILE_LOCK, persistent.active(config.cache_dir):
+    compile_s, built = 0.0, 0
+    if values_key not in programs.inits or programs.chunk is None:
+        # Only a cold call takes the lock and opens the disk cache.
         t0 = time.perf_counter()
+        built = _build(
+            sampler,
+            programs,
+            split,
+            bound,
+            (init_args, values_key),
+            lanes,
+            data,
+            stages,
+        )
+        compile_s = time.perf_counter() - t0 if built else 0.0
+    t0 = time.perf_counter()
+    state, valid = programs.inits[values_key](*init_args)
+    _check_init(sampler, bound, state, placement.to_host(valid), data)
+    init_s = time.perf_counter() - t0
+    return Started(
+        programs, data, state, lanes, compile_s, built, init_s, stages, split.names
+    )
+
+
+def _build(
+    sampler: Any,
+    programs: Programs,
+    split: Any,
+    bound: Any,
+    init: tuple[tuple, Any],
+    lanes: Any,
+    data: tuple,
+    stages: dict[str, float],
+) -> int:
+    """Lower and compile the programs ``programs`` lacks; how many were built.
+
+    Args:
+        init: ``(init program arguments, key in programs.inits)``.
+    """
+    config, mesh = sampler.config, sampler.mesh
+    init_args, values_key = init
+    with COMPILE_LOCK, persistent.active(config.cache_dir):
         strategy = resolve_init_strategy(config.init_strategy)
         chunk = None
         if programs.chunk is None:
@@ -192,13 +233,13 @@ def start(
                 sampler._batched,
             )
             chunk = (jitted, (lanes, *scalars, *data))
-        init = init_program(
+        program = init_program(
             programs.kernel, strategy, config.inner, mesh, sampler._batched
         )
         try:
-            built = build(
+            return build(
                 programs,
-                (init, init_args, values_key),
+                (program, init_args, values_key),
                 chunk,
                 mesh,
                 sampler._batched,
@@ -207,14 +248,6 @@ def start(
         except Exception as err:
             _note_static(err, split)
             raise
-        compile_s = time.perf_counter() - t0 if built else 0.0
-    t0 = time.perf_counter()
-    state, valid = programs.inits[values_key](*init_args)
-    _check_init(sampler, bound, state, placement.to_host(valid), data)
-    init_s = time.perf_counter() - t0
-    return Started(
-        programs, data, state, lanes, compile_s, built, init_s, stages, split.names
-    )
 
 
 def _check_init(
