@@ -38,6 +38,8 @@ def program_key(
         c.init_strategy,
         c.chunk,
         c.inner,
+        c.kernel,
+        c.adapt,
     )
     devices = tuple((d.platform, d.id) for d in mesh.devices.flat)
     layout = (mesh.axis_names, mesh.devices.shape, devices)

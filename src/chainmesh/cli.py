@@ -18,6 +18,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=1000, help="draws per chain (1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inner", choices=("vmap", "map"), default="vmap")
+    p.add_argument("--kernel", choices=("nuts", "chees"), default="nuts")
+    p.add_argument("--adapt", choices=("chain", "ensemble"), default="chain")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--plot",
@@ -43,6 +45,8 @@ def demo(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         devices=args.devices,
         inner=args.inner,
+        kernel=args.kernel,
+        adapt=args.adapt,
         progress_bar=not args.no_progress,
     )
     print(f"plan: {sampler.plan}")

@@ -22,6 +22,11 @@ INIT_STRATEGIES: dict[str, Callable[..., Any]] = {
     "init_to_value": init_to_uniform,  # fallback for sites without a value
 }
 INNER_STRATEGIES = ("vmap", "map")
+KERNELS = ("nuts", "chees")
+ADAPTATIONS = ("chain", "ensemble")
+TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
+"""Default acceptance targets: NumPyro's for NUTS; the ChEES paper's (the
+harmonic mean of the acceptance probabilities over chains)."""
 DEFAULT_CHUNK_DRAWS = 100
 
 
@@ -42,12 +47,19 @@ class SamplerConfig:
         thinning: Keep every ``thinning``-th transition (NumPyro's meaning):
             ``num_samples`` transitions run after warmup and
             ``num_samples // thinning`` draws are kept.
-        target_accept_prob: Dual-averaging target in (0, 1).
-        max_tree_depth: Maximum NUTS tree depth.
+        target_accept_prob: Dual-averaging target in (0, 1); None: 0.8 for
+            NUTS, 0.651 for ChEES.
+        max_tree_depth: Maximum NUTS tree depth; ChEES caps a trajectory at
+            ``2**max_tree_depth - 1`` leapfrog steps, as NUTS does.
         dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.
         init_strategy: Name of a NumPyro init strategy or an init function.
         chunk_size: Transitions (warmup) or draws (sampling) per compiled call.
         inner: How a device runs its chains: "vmap" (lockstep) or "map".
+        kernel: "nuts" (NumPyro's NUTS) or "chees" (ChEES-HMC, adapted from
+            statistics pooled over every chain of the mesh).
+        adapt: NUTS adaptation: "chain" (each chain alone, as NumPyro) or
+            "ensemble" (step size and mass matrix from statistics pooled over
+            every chain of the mesh; one collective per warmup transition).
         progress_bar: Show one tqdm bar for the whole run.
         checkpoint_dir: Directory for atomic checkpoints (None: none).
         checkpoint_every: Chunks between checkpoints.
@@ -67,12 +79,14 @@ class SamplerConfig:
     num_warmup: int = 500
     num_samples: int = 1000
     thinning: int = 1
-    target_accept_prob: float = 0.8
+    target_accept_prob: float | None = None
     max_tree_depth: int = 10
     dense_mass: bool = False
     init_strategy: str | Callable[..., Any] = "init_to_median"
     chunk_size: int | None = None
     inner: str = "vmap"
+    kernel: str = "nuts"
+    adapt: str = "chain"
     progress_bar: bool = True
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
@@ -94,6 +108,12 @@ class SamplerConfig:
                 "draws, so pass thinning <= num_samples"
             )
         _check_int("max_tree_depth", self.max_tree_depth, 1, "10 is NumPyro's default")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.adapt not in ADAPTATIONS:
+            raise ValueError(f"adapt must be one of {ADAPTATIONS}, got {self.adapt!r}")
+        if self.target_accept_prob is None:
+            object.__setattr__(self, "target_accept_prob", TARGET_ACCEPT[self.kernel])
         p = self.target_accept_prob
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
             raise ValueError(
@@ -133,6 +153,25 @@ class SamplerConfig:
         if self.inner not in INNER_STRATEGIES:
             raise ValueError(
                 f"inner must be one of {INNER_STRATEGIES}, got {self.inner!r}"
+            )
+        self._check_ensemble()
+
+    def _check_ensemble(self) -> None:
+        """Pooled adaptation needs a device's chains in one vectorized block.
+
+        ChEES always pools; ``adapt`` is a NUTS option and ChEES ignores it.
+        """
+        pooled = self.kernel == "chees" or self.adapt == "ensemble"
+        if pooled and self.inner != "vmap":
+            what = "kernel='chees'" if self.kernel == "chees" else "adapt='ensemble'"
+            raise ValueError(
+                f"{what} pools statistics over a device's chains in one "
+                f"vectorized block; it needs inner='vmap', got inner={self.inner!r}"
+            )
+        if self.kernel == "chees" and self.dense_mass:
+            raise ValueError(
+                "kernel='chees' adapts a diagonal mass matrix; pass "
+                "dense_mass=False, or use kernel='nuts' with dense_mass=True"
             )
 
     @property

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
 from chainmesh import persistent
-from chainmesh.kernels.nuts import NUTSKernel, extra_fields
+from chainmesh.kernels.base import Kernel
 from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
 from chainmesh.model import ModelInfo, postprocess_fn
@@ -87,7 +87,7 @@ class Programs:
     """
 
     info: ModelInfo
-    kernel: NUTSKernel
+    kernel: Kernel
     inits: dict[Any, Callable[..., tuple[HMCState, jax.Array]]] = dataclasses.field(
         default_factory=dict
     )
@@ -143,6 +143,7 @@ def _draw_axis_last(tree: Any, lead: int) -> Any:
 def _block_chunk(
     step: Callable,
     post: Callable,
+    fields: Callable,
     size: int,
     state: HMCState,
     real: jax.Array,
@@ -155,6 +156,8 @@ def _block_chunk(
     ``step`` and ``post`` act on the whole block (leading lane axes shaped like
     ``real``: chains, or shards x chains), so the longest trajectory of the
     block is visible here: that is what one vectorized transition pays for.
+    ``post`` maps positions ``z`` to draws, ``fields`` a state to its extra
+    fields.
     """
     lanes = real.size
 
@@ -162,7 +165,7 @@ def _block_chunk(
         return jnp.zeros((size, *s.shape), s.dtype)
 
     draws = jax.tree.map(buffer, jax.eval_shape(post, state.z))
-    extra = jax.tree.map(buffer, extra_fields(state))
+    extra = jax.tree.map(buffer, fields(state))
 
     def transition(_, carry):
         s, counts = carry
@@ -177,7 +180,7 @@ def _block_chunk(
     def one_draw(j, carry):
         s, d, e, counts = carry
         s, counts = lax.fori_loop(0, per_draw, transition, (s, counts))
-        e = _write(e, j, extra_fields(s))
+        e = _write(e, j, fields(s))
         d = lax.cond(collect, lambda d: _write(d, j, post(s.z)), lambda d: d, d)
         return s, d, e, counts
 
@@ -188,7 +191,7 @@ def _block_chunk(
 
 
 def _chunk_fn(
-    model: Callable, kernel: NUTSKernel, inner: str, size: int, sharded: bool
+    model: Callable, kernel: Kernel, inner: str, size: int, sharded: bool
 ) -> Callable:
     """The per-device chunk: the device's lanes under ``inner``.
 
@@ -198,7 +201,8 @@ def _chunk_fn(
     """
 
     def chain_fns(args, kwargs):
-        step = partial(kernel.step, args=args, kwargs=kwargs)
+        """One chain's transition (None for a block kernel) and draw map."""
+        step = kernel.step and partial(kernel.step, args=args, kwargs=kwargs)
         return step, postprocess_fn(model, args, kwargs)
 
     def over_shards(pick: int, inner_map: Callable, args, kwargs):
@@ -213,8 +217,30 @@ def _chunk_fn(
         return block
 
     def per_device(state, real, n_draws, per_draw, collect, args, kwargs):
-        run = partial(_block_chunk, size=size, n_draws=n_draws, per_draw=per_draw)
-        if inner == "vmap":
+        run = partial(
+            _block_chunk,
+            fields=kernel.fields,
+            size=size,
+            n_draws=n_draws,
+            per_draw=per_draw,
+        )
+        if kernel.block is not None:
+            # A block kernel (pooled adaptation) acts on the device's chains
+            # at once, with collectives over the mesh's chain axis.
+            if sharded:
+
+                def step(x):
+                    def one_shard(xs, a, k, r):
+                        return kernel.block(a, k, r)(xs)
+
+                    return jax.vmap(one_shard)(x, args, kwargs, real)
+
+                post = over_shards(1, jax.vmap, args, kwargs)
+            else:
+                step = kernel.block(args, kwargs, real)
+                post = jax.vmap(chain_fns(args, kwargs)[1])
+            s, d, e, c = run(step, post, state=state, real=real, collect=collect)
+        elif inner == "vmap":
             if sharded:
                 step = over_shards(0, jax.vmap, args, kwargs)
                 post = over_shards(1, jax.vmap, args, kwargs)
@@ -274,7 +300,7 @@ def _over_chains(fn: Callable, inner: str) -> Callable:
     return run
 
 
-def _init_fn(kernel: NUTSKernel, strategy: Any, inner: str) -> Callable:
+def _init_fn(kernel: Kernel, strategy: Any, inner: str) -> Callable:
     def per_device(root, chains, given, use_given, values, args, kwargs):
         def one(chain, key, vals):
             init = with_values(vals, strategy) if vals else strategy
@@ -350,7 +376,7 @@ def abstract_state(lowered_init: Any, mesh: Mesh, sharded: bool) -> Any:
 
 
 def init_program(
-    kernel: NUTSKernel, strategy: Any, inner: str, mesh: Mesh, sharded: bool = False
+    kernel: Kernel, strategy: Any, inner: str, mesh: Mesh, sharded: bool = False
 ) -> Any:
     """The jitted init program (see ``Sampler``): per-chain keys, inits, state.
 
@@ -382,7 +408,7 @@ def init_program(
 
 def chunk_program(
     model: Callable,
-    kernel: NUTSKernel,
+    kernel: Kernel,
     inner: str,
     size: int,
     mesh: Mesh,

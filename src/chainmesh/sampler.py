@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from numpyro.infer.hmc import HMCState
 
 from chainmesh import arguments, checkpoint, persistent
 from chainmesh.cache import program_key
@@ -23,7 +22,7 @@ from chainmesh.validation import as_program_args, check_directory
 
 
 class Sampler:
-    """NUTS on many chains over a device mesh, compiled once per data shape.
+    """MCMC on many chains over a device mesh, compiled once per data shape.
 
     Example:
         >>> import chainmesh as cm, numpyro, numpyro.distributions as dist
@@ -47,14 +46,22 @@ class Sampler:
             or a list of devices.
         init_strategy: ``"init_to_median"``, ``"init_to_sample"``,
             ``"init_to_uniform"``, ``"init_to_value"`` or a NumPyro init fn.
-        target_accept_prob: Step-size adaptation target in (0, 1).
-        max_tree_depth: Maximum NUTS tree depth.
+        target_accept_prob: Step-size adaptation target in (0, 1); None:
+            0.8 for NUTS, 0.651 for ChEES.
+        max_tree_depth: Maximum NUTS tree depth (ChEES: at most
+            ``2**max_tree_depth - 1`` leapfrog steps per transition).
         dense_mass: Adapt a dense mass matrix instead of a diagonal one.
         chunk_size: Transitions (warmup) or draws (sampling) per compiled
             call; None picks ``min(100, max(num_warmup, num_samples))``.
         inner: ``"vmap"`` (vectorized NUTS on a device's chains, lockstep) or
             ``"map"`` (``lax.map``: chains one after another, no lockstep,
             smaller compile).
+        kernel: ``"nuts"`` (NumPyro's NUTS) or ``"chees"`` (ChEES-HMC: every
+            chain runs the same trajectory length, adapted from statistics
+            pooled over all chains of the mesh; ``docs/kernels.md``).
+        adapt: NUTS adaptation: ``"chain"`` (each chain alone, as NumPyro)
+            or ``"ensemble"`` (one step size and mass matrix from statistics
+            pooled over all chains of the mesh).
         progress_bar: One tqdm bar for the whole run, updated per chunk.
         checkpoint_dir: Write an atomic checkpoint there every
             ``checkpoint_every`` chunks; ``run(..., resume=True)`` continues
@@ -87,11 +94,13 @@ class Sampler:
         thinning: int = 1,
         devices: Any = None,
         init_strategy: str | Callable = "init_to_median",
-        target_accept_prob: float = 0.8,
+        target_accept_prob: float | None = None,
         max_tree_depth: int = 10,
         dense_mass: bool = False,
         chunk_size: int | None = None,
         inner: str = "vmap",
+        kernel: str = "nuts",
+        adapt: str = "chain",
         progress_bar: bool = True,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 10,
@@ -115,6 +124,8 @@ class Sampler:
             init_strategy=init_strategy,
             chunk_size=chunk_size,
             inner=inner,
+            kernel=kernel,
+            adapt=adapt,
             progress_bar=progress_bar,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
@@ -190,8 +201,10 @@ class Sampler:
         *args: Any,
         init_params: Mapping[str, Any] | None = None,
         **kwargs: Any,
-    ) -> HMCState:
-        """The initial NUTS state of every chain, sharded on the mesh.
+    ) -> Any:
+        """The initial kernel state of every chain, sharded on the mesh.
+
+        For NUTS it is NumPyro's ``HMCState``, batched over chains.
 
         Same arguments as ``run``. The leading axis holds all chains that run,
         padding chains last; ``state.z`` is in unconstrained space.
@@ -250,7 +263,7 @@ class Sampler:
         stats["static_args"] = list(started.static)
         stats.update({f"compile_{k}": v for k, v in started.stages.items()})
         extra = dict(out.extra)
-        if extra:
+        if extra and config.kernel == "nuts":
             extra["tree_depth"] = np.log2(extra["num_steps"]).astype(np.int64) + 1
         return out, extra, stats
 

@@ -14,12 +14,11 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from numpyro.infer.hmc import HMCState
 
 from chainmesh import arguments, persistent, placement
 from chainmesh.cache import CACHE, COMPILE_LOCK, signature
 from chainmesh.config import resolve_init_strategy
-from chainmesh.kernels.nuts import build_nuts
+from chainmesh.kernels import build_kernel
 from chainmesh.keys import layout_init_params, seed_keys
 from chainmesh.model import inspect_model, invalid_init_error, prepared
 from chainmesh.program import STAGES, Programs, build, chunk_program, init_program
@@ -31,7 +30,7 @@ class Started(NamedTuple):
 
     programs: Programs
     data: tuple
-    state: HMCState
+    state: Any
     real: Any
     compile_s: float
     compilations: int
@@ -83,7 +82,7 @@ def _programs(
         except Exception as err:
             _note_static(err, split)
             raise
-        kernel = build_nuts(prepared(bound, info), config, info)
+        kernel = build_kernel(prepared(bound, info), config, info)
         programs = Programs(info=info, kernel=kernel)
         CACHE.put(key, programs)
     return programs, data, split, bound

@@ -1,15 +1,38 @@
-"""Transition kernels: pairs of pure per-chain functions ``init`` and ``step``.
+"""Transition kernels: pure functions over chains (``base.Kernel``).
 
 A kernel's state is a NamedTuple pytree, so it passes through ``jit``,
 ``vmap`` and ``shard_map`` untouched; the programs in ``chainmesh.program``
 run a kernel over a device's block of chains.
 
 - ``nuts``: NumPyro's NUTS with its windowed adaptation, per chain.
-- ``chees``: ChEES-HMC over a block of chains, its adaptation pooled over
-  the mesh (``ensemble``: pooled statistics; ``hmc``: one fixed-length HMC
-  transition). Not yet a ``Sampler`` option (``docs/kernels.md``).
+- ``pooled_nuts``: NUTS whose step size and mass matrix adapt from
+  statistics pooled over every chain of the mesh (``adapt="ensemble"``).
+- ``chees`` / ``chees_chains``: ChEES-HMC over a block of chains, its
+  adaptation pooled over the mesh (``kernel="chees"``; ``ensemble``: pooled
+  statistics; ``hmc``: one fixed-length HMC transition).
 """
 
-from chainmesh.kernels.nuts import EXTRA_FIELDS, NUTSKernel, build_nuts, extra_fields
+from __future__ import annotations
 
-__all__ = ["EXTRA_FIELDS", "NUTSKernel", "build_nuts", "extra_fields"]
+from collections.abc import Callable
+
+from chainmesh.config import SamplerConfig
+from chainmesh.kernels.base import EXTRA_FIELDS, Kernel
+from chainmesh.kernels.nuts import build_nuts, extra_fields
+from chainmesh.model import ModelInfo
+
+
+def build_kernel(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kernel:
+    """The kernel ``config`` names (``kernel``, ``adapt``) for ``model``."""
+    if config.kernel == "chees":
+        from chainmesh.kernels.chees_chains import build_chees
+
+        return build_chees(model, config, info)
+    if config.adapt == "ensemble":
+        from chainmesh.kernels.pooled_nuts import build_pooled_nuts
+
+        return build_pooled_nuts(model, config, info)
+    return build_nuts(model, config, info)
+
+
+__all__ = ["EXTRA_FIELDS", "Kernel", "build_kernel", "build_nuts", "extra_fields"]

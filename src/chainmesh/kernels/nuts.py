@@ -10,7 +10,7 @@ functions can be traced in any order, in separate programs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,33 +18,11 @@ from numpyro.infer.hmc import HMCState, hmc
 from numpyro.infer.util import ParamInfo, find_valid_initial_params
 
 from chainmesh.config import SamplerConfig
+from chainmesh.kernels.base import EXTRA_FIELDS, Kernel
 from chainmesh.model import ModelInfo, potential_fn_gen
 
-EXTRA_FIELDS = (
-    "potential_energy",
-    "energy",
-    "diverging",
-    "accept_prob",
-    "num_steps",
-    "step_size",
-)
-"""Per-draw fields recorded next to the draws (``tree_depth`` is derived)."""
 
-
-class NUTSKernel(NamedTuple):
-    """Per-chain NUTS functions; vmap or map them over a block of chains.
-
-    Attributes:
-        init: ``(key, strategy, args, kwargs) -> (HMCState, is_valid)``.
-        step: ``(state, args, kwargs) -> HMCState``, one NUTS transition
-            (with windowed adaptation while ``state.i < num_warmup``).
-    """
-
-    init: Callable[..., tuple[HMCState, jax.Array]]
-    step: Callable[..., HMCState]
-
-
-def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> NUTSKernel:
+def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kernel:
     """Wrap NumPyro NUTS for ``model`` with the adaptation settings of ``config``.
 
     Args:
@@ -90,7 +68,7 @@ def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> NUTSK
         jax.eval_shape(start, param_info, state.rng_key, args, kwargs)
         return sample_kernel(state, model_args=args, model_kwargs=kwargs)
 
-    return NUTSKernel(init=init, step=step)
+    return Kernel(init=init, step=step, fields=extra_fields)
 
 
 def extra_fields(state: HMCState) -> dict[str, jax.Array]:

@@ -1,0 +1,43 @@
+"""What every transition kernel provides to the compiled programs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+EXTRA_FIELDS = (
+    "potential_energy",
+    "energy",
+    "diverging",
+    "accept_prob",
+    "num_steps",
+    "step_size",
+)
+"""Per-draw fields recorded next to the draws (``tree_depth`` is derived)."""
+
+
+class Kernel(NamedTuple):
+    """A transition kernel as pure functions over chains.
+
+    The state is a pytree with a leading chain axis in a block; it has the
+    fields ``z`` (unconstrained position, site name -> value), ``num_steps``
+    and ``diverging``, which the programs read.
+
+    Attributes:
+        init: ``(key, strategy, args, kwargs) -> (state, is_valid)``, one chain.
+        step: ``(state, args, kwargs) -> state``, one transition of one chain;
+            None when the kernel only acts on a whole block.
+        block: None (a block is ``step`` vmapped), or a kernel that acts on a
+            device's whole block of chains (pooled adaptation, collectives
+            over the mesh): ``(args, kwargs, real) -> (block state -> block
+            state)``, called inside ``shard_map``; ``real`` is False on
+            padding lanes.
+        fields: ``state -> {name: value}``, the ``EXTRA_FIELDS`` of a state.
+    """
+
+    init: Callable[..., tuple[Any, jax.Array]]
+    step: Callable[..., Any] | None
+    block: Callable[..., Callable] | None = None
+    fields: Callable[[Any], dict[str, jax.Array]] | None = None

@@ -1,0 +1,150 @@
+"""ChEES-HMC as a ``Sampler`` kernel: per-chain state, pooled block step.
+
+``chees`` implements the block transition and its pooled adaptation; this
+module gives it the state layout the programs expect (one pytree per chain,
+with ``z``, ``num_steps``, ``diverging`` and the extra fields), NumPyro's
+initialization (init strategies, a reasonable step size per chain), and
+per-chain keys: a chain's momentum and acceptance draws come from its own
+``rng_key``, split once per transition as NumPyro does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from chainmesh.config import SamplerConfig
+from chainmesh.kernels import chees
+from chainmesh.kernels.base import Kernel
+from chainmesh.kernels.ensemble import pooled_sum
+from chainmesh.kernels.nuts import build_nuts
+from chainmesh.kernels.pooled_nuts import POOL_AXIS
+from chainmesh.model import ModelInfo, potential_fn_gen
+
+
+class ChEESChain(NamedTuple):
+    """One chain's ChEES state (a block stacks these on a leading axis).
+
+    Attributes:
+        i: Transitions taken.
+        z: Unconstrained position, site name -> value.
+        z_grad: Gradient of the potential at ``z``.
+        potential_energy: Potential at ``z``.
+        energy: Hamiltonian after the last transition.
+        num_steps: Leapfrog steps of the last transition (equal on every chain).
+        accept_prob: Its Metropolis acceptance probability.
+        diverging: Whether its energy error exceeded the threshold.
+        step_size: The step size it used.
+        rng_key: The chain's key, split once per transition.
+        adapt: The shared adaptation state (equal on every chain).
+    """
+
+    i: jax.Array
+    z: Any
+    z_grad: Any
+    potential_energy: jax.Array
+    energy: jax.Array
+    num_steps: jax.Array
+    accept_prob: jax.Array
+    diverging: jax.Array
+    step_size: jax.Array
+    rng_key: jax.Array
+    adapt: chees.ChEESAdaptState
+
+
+def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kernel:
+    """ChEES-HMC for ``model`` (``kernel="chees"``), pooled over the mesh.
+
+    The warmup length, acceptance target and ``2**max_tree_depth - 1`` step
+    cap come from ``config``; the adaptation pools over every real chain of
+    the ``chain`` mesh axis (never over data shards).
+    """
+    nuts = build_nuts(model, config, info)
+    enum = bool(info.enumerated)
+    max_steps = 2**config.max_tree_depth - 1
+
+    def init(key: jax.Array, strategy: Any, args: tuple, kwargs: dict):
+        state, valid = nuts.init(key, strategy, args, kwargs)
+        one = jax.tree.map(lambda x: x[None], state.z)
+        potential = potential_fn_gen(model, enum)(*args, **kwargs)
+        adapt = chees.init(one, potential, step_size=state.adapt_state.step_size)
+        zero = jnp.zeros_like(state.accept_prob)
+        chain = ChEESChain(
+            i=state.i,
+            z=state.z,
+            z_grad=state.z_grad,
+            potential_energy=state.potential_energy,
+            energy=state.energy,
+            num_steps=jnp.zeros((), jnp.int32),
+            accept_prob=zero,
+            diverging=jnp.array(False),
+            step_size=state.adapt_state.step_size,
+            rng_key=state.rng_key,
+            adapt=jax.tree.map(lambda x: x[0], adapt.adapt),
+        )
+        return chain, valid
+
+    def block(args: tuple, kwargs: dict, real: jax.Array) -> Callable:
+        potential = potential_fn_gen(model, enum)(*args, **kwargs)
+        step = chees.build_step(
+            potential,
+            config.num_warmup,
+            config.target_accept_prob,
+            POOL_AXIS,
+            max_num_steps=max_steps,
+            reproducible=True,
+        )
+
+        def start(s: ChEESChain) -> ChEESChain:
+            """Before the first transition: the chains' step sizes pooled."""
+            log_eps = s.adapt.log_step_size
+            log_eps = pooled_sum(log_eps, real, POOL_AXIS, True) / pooled_sum(
+                jnp.ones_like(log_eps), real, POOL_AXIS, True
+            )
+            ten = jnp.log(10.0).astype(log_eps.dtype)
+            shared = jnp.broadcast_to(log_eps, s.adapt.log_step_size.shape)
+            adapt = s.adapt._replace(
+                log_step_size=shared, log_step_size_avg=shared, da_mu=shared + ten
+            )
+            return s._replace(adapt=adapt)
+
+        def run(s: ChEESChain) -> ChEESChain:
+            s = lax.cond(s.adapt.step[0] == 0, start, lambda s: s, s)
+            keys = jax.vmap(jax.random.split)(s.rng_key)
+            moved, out = step(
+                keys[:, 1],
+                chees.ChEESState(s.z, s.potential_energy, s.z_grad, s.adapt),
+                real,
+            )
+            return ChEESChain(
+                i=s.i + 1,
+                z=moved.position,
+                z_grad=moved.grad,
+                potential_energy=moved.potential_energy,
+                energy=out.energy,
+                num_steps=out.num_steps,
+                accept_prob=out.accept_prob,
+                diverging=out.diverging,
+                step_size=out.step_size,
+                rng_key=keys[:, 0],
+                adapt=moved.adapt,
+            )
+
+        return run
+
+    return Kernel(init=init, step=None, block=block, fields=_fields)
+
+
+def _fields(state: ChEESChain) -> dict[str, jax.Array]:
+    return {
+        "potential_energy": state.potential_energy,
+        "energy": state.energy,
+        "diverging": state.diverging,
+        "accept_prob": state.accept_prob,
+        "num_steps": state.num_steps,
+        "step_size": state.step_size,
+    }

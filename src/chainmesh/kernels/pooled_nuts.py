@@ -1,0 +1,203 @@
+"""NUTS with ensemble adaptation: step size and mass matrix pooled over the mesh.
+
+Every chain runs NumPyro's NUTS transition, with its own adaptation switched
+off; after each warmup transition, one block-level update adapts shared
+parameters from statistics pooled over every real chain of the mesh
+(``ensemble.pooled_sum``, one collective per warmup transition):
+
+- step size: NumPyro's dual averaging on ``target - mean acceptance
+  probability`` (the mean over chains instead of one chain's value);
+- mass matrix: NumPyro's Welford moments of the slow windows, merged from
+  every chain's draws (diagonal or dense), regularized as NumPyro does;
+- the same windows (``build_adaptation_schedule``) and the same restarts: at
+  a window's end each chain finds a reasonable step size for the new metric
+  and the step sizes are pooled (geometric mean).
+
+The state stays NumPyro's ``HMCState``: each lane's ``adapt_state`` holds the
+shared values (replicated), so extra fields, checkpoints and resume need
+nothing new. After warmup no collective runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+from numpyro.infer.hmc import HMCState, momentum_generator
+from numpyro.infer.hmc_util import (
+    HMCAdaptState,
+    dual_averaging,
+    euclidean_kinetic_energy,
+    find_reasonable_step_size,
+    welford_covariance,
+)
+
+from chainmesh.config import SamplerConfig
+from chainmesh.kernels.base import Kernel
+from chainmesh.kernels.ensemble import mass_schedule, pooled_sum
+from chainmesh.kernels.nuts import build_nuts, extra_fields
+from chainmesh.model import ModelInfo, potential_fn_gen
+
+POOL_AXIS = "chain"
+"""The mesh axis whose devices' chains pool (``chainmesh.mesh.CHAIN``); a
+data-shard axis is never pooled over, so CMC shards adapt on their own."""
+
+
+def build_pooled_nuts(
+    model: Callable, config: SamplerConfig, info: ModelInfo
+) -> Kernel:
+    """NUTS whose adaptation pools every chain of the mesh (``adapt="ensemble"``).
+
+    Returns a kernel whose ``init`` is NUTS's (per chain) and whose ``block``
+    builds the block step: a vmapped NUTS transition without per-chain
+    adaptation, then the pooled update while ``state.i < num_warmup``.
+    """
+    nuts = build_nuts(model, config, info)
+    frozen = build_nuts(model, dataclasses.replace(config, num_warmup=0), info)
+    num_warmup = config.num_warmup
+    collect, window_end = mass_schedule(num_warmup)
+    collect, window_end = jnp.asarray(collect), jnp.asarray(window_end)
+    ss_init, ss_update = dual_averaging()
+    _, _, mm_final = welford_covariance(diagonal=not config.dense_mass)
+    enum = bool(info.enumerated)
+    target = config.target_accept_prob
+
+    def block(args: tuple, kwargs: dict, real: jax.Array) -> Callable:
+        step = jax.vmap(partial(frozen.step, args=args, kwargs=kwargs))
+        pool = partial(pooled_sum, real=real, axis_name=POOL_AXIS, reproducible=True)
+        reasonable = partial(
+            find_reasonable_step_size,
+            potential_fn_gen(model, enum)(*args, **kwargs),
+            euclidean_kinetic_energy,
+            momentum_generator,
+        )
+
+        def pool_log(eps: jax.Array) -> jax.Array:
+            """Geometric mean over the mesh's real chains of per-lane values."""
+            return pool(jnp.log(eps)) / pool(jnp.ones_like(eps))
+
+        def restart(adapt: HMCAdaptState, log_eps: jax.Array) -> HMCAdaptState:
+            """Dual averaging restarts from ``exp(log_eps)`` (NumPyro's rule)."""
+            prox = jnp.log(10.0).astype(log_eps.dtype) + log_eps
+            return adapt._replace(step_size=jnp.exp(log_eps), ss_state=ss_init(prox))
+
+        def start(state: HMCState) -> HMCState:
+            """Before the first transition: the chains' initial step sizes
+            (NumPyro's reasonable step size of each) pooled into one."""
+            log_eps = pool_log(state.adapt_state.step_size)
+            return _broadcast(state, restart(_first(state.adapt_state), log_eps))
+
+        def new_metric(state: HMCState, adapt: HMCAdaptState) -> HMCAdaptState:
+            """At a slow window's end: the pooled (co)variance is the metric,
+            each chain finds a reasonable step size for it, those are pooled."""
+            adapt = _new_metric(adapt, mm_final)
+            lanes = real.size
+            eps = jax.vmap(reasonable)(
+                jnp.broadcast_to(adapt.step_size, (lanes,)),
+                _lanes(adapt.inverse_mass_matrix, lanes),
+                (state.z, None, state.potential_energy, state.z_grad),
+                jax.vmap(lambda k: jax.random.split(k)[1])(state.adapt_state.rng_key),
+            )
+            return restart(adapt, pool_log(eps))
+
+        def update(t: jax.Array, state: HMCState) -> HMCState:
+            """The pooled warmup update after transition ``t``."""
+            adapt = _first(state.adapt_state)
+            flat = jax.vmap(lambda z: ravel_pytree(z)[0])(state.z)
+            (block_name,) = adapt.mm_state
+            mean, m2, n = adapt.mm_state[block_name]
+            dx = flat - mean
+            square = dx * dx if m2.ndim == 1 else jnp.einsum("li,lj->lij", dx, dx)
+            stats = {"n": jnp.ones_like(state.accept_prob), "accept": state.accept_prob}
+            pooled = lax.cond(
+                collect[t],
+                lambda: pool({**stats, "s1": dx, "s2": square}),
+                lambda: {**pool(stats), "s1": 0 * mean, "s2": 0 * m2},
+            )
+            ss = ss_update(target - pooled["accept"] / pooled["n"], adapt.ss_state)
+            log_eps, log_eps_avg = ss[0], ss[1]
+            eps = jnp.exp(jnp.where(t == num_warmup - 1, log_eps_avg, log_eps))
+            finfo = jnp.finfo(eps.dtype)
+            adapt = adapt._replace(
+                step_size=jnp.clip(eps, finfo.tiny, finfo.max),
+                ss_state=ss,
+                mm_state={block_name: _merge((mean, m2, n), pooled, collect[t])},
+            )
+            adapt = lax.cond(
+                window_end[t],
+                partial(new_metric, state),
+                lambda a: a,
+                adapt,
+            )
+            return _broadcast(state, adapt)
+
+        def run(state: HMCState) -> HMCState:
+            t = state.i[0]  # every lane is at the same transition
+            state = lax.cond(t == 0, start, lambda s: s, state)
+            state = step(state)
+            if num_warmup == 0:
+                return state
+            return lax.cond(
+                t < num_warmup, partial(update, jnp.minimum(t, num_warmup - 1)),
+                lambda s: s, state,
+            )  # fmt: skip
+
+        return run
+
+    return Kernel(nuts.init, frozen.step, block=block, fields=extra_fields)
+
+
+def _first(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _lanes(tree: Any, lanes: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (lanes, *jnp.shape(x))), tree)
+
+
+def _broadcast(state: HMCState, adapt: HMCAdaptState) -> HMCState:
+    """Every lane gets the shared adaptation state (each keeps its own key)."""
+    lanes = state.accept_prob.shape[0]
+    shared = _lanes(adapt._replace(rng_key=None), lanes)
+    keys = jax.vmap(lambda k: jax.random.split(k)[0])(state.adapt_state.rng_key)
+    return state._replace(adapt_state=shared._replace(rng_key=keys))
+
+
+def _merge(moments: tuple, pooled: dict, collect: jax.Array) -> tuple:
+    """Merge pooled batch sums (about the running mean) into NumPyro's Welford
+    moments ``(mean, m2, n)`` (Chan et al.); unchanged unless ``collect``."""
+    mean, m2, n = moments
+    nb = pooled["n"]
+    count = n + jnp.where(collect, nb, 0).astype(n.dtype)
+    delta = pooled["s1"] / jnp.maximum(nb, 1.0)  # batch mean - running mean
+    frac = nb / jnp.maximum(count, 1).astype(nb.dtype)
+    outer = delta * delta if m2.ndim == 1 else jnp.outer(delta, delta)
+    batch_m2 = pooled["s2"] - nb * outer
+    new_m2 = m2 + batch_m2 + outer * n.astype(nb.dtype) * frac
+    new_mean = mean + delta * frac
+    return (
+        jnp.where(collect, new_mean, mean),
+        jnp.where(collect, new_m2, m2),
+        count,
+    )
+
+
+def _new_metric(adapt: HMCAdaptState, mm_final: Callable) -> HMCAdaptState:
+    """At a slow window's end: the pooled (co)variance becomes the metric."""
+    inverse, sqrt, sqrt_inv = mm_final(adapt.mm_state, regularize=True)
+    empty = {
+        k: (jnp.zeros_like(mean), jnp.zeros_like(m2), jnp.zeros_like(n))
+        for k, (mean, m2, n) in adapt.mm_state.items()
+    }
+    return adapt._replace(
+        inverse_mass_matrix=inverse,
+        mass_matrix_sqrt=sqrt,
+        mass_matrix_sqrt_inv=sqrt_inv,
+        mm_state=empty,
+    )
