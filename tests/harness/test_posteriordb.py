@@ -17,7 +17,7 @@ import pytest
 
 import chainmesh as cm
 
-from .configs import CONFIGS
+from .configs import CONFIGS, options
 from .models import POSTERIORS, Posterior
 
 NUM_CHAINS = 4
@@ -83,7 +83,7 @@ def test_matches_reference(config: str, name: str) -> None:
             num_samples=NUM_SAMPLES,
             devices=NUM_CHAINS,
             progress_bar=False,
-            **{**CONFIGS[config], **posterior.sampler_kwargs},
+            **options(config, posterior.sampler_kwargs),
         )
         result = sampler.run(SEED, *posterior.args(posterior.data()))
 

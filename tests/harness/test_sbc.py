@@ -17,7 +17,7 @@ from einops import rearrange
 
 import chainmesh as cm
 
-from .configs import CONFIGS
+from .configs import CONFIGS, options
 from .sbc_models import SBC_MODELS, simulate
 
 NUM_DATASETS = 200
@@ -133,7 +133,7 @@ def test_ranks_uniform(config: str, name: str) -> None:
         num_samples=NUM_SAMPLES,
         thinning=THINNING,
         progress_bar=False,
-        **{**CONFIGS[config], **case.sampler_kwargs},
+        **options(config, case.sampler_kwargs),
     )
     out = sampler.run(SAMPLER_SEED, *sim.args)
 

@@ -17,6 +17,9 @@ LABELS = {
     "numpyro_parallel": "NumPyro parallel",
     "numpyro_sequential": "NumPyro sequential",
     "device_loop": "device loop (NumPyro)",
+    "chainmesh_chees": "chainmesh ChEES",
+    "chainmesh_ensemble": "chainmesh NUTS, ensemble adapt",
+    "blackjax_chees": "BlackJAX ChEES (1 device)",
 }
 
 COLUMNS = """\

@@ -38,8 +38,15 @@ METHODS = (
     "numpyro_parallel",
     "numpyro_sequential",
     "device_loop",
+    "chainmesh_chees",
+    "chainmesh_ensemble",
+    "blackjax_chees",
 )
 """Methods in table order (``raw_gradient`` is measured for every setting)."""
+
+DEFAULT_METHODS = METHODS[:7]
+"""What ``--methods`` defaults to: NUTS, chainmesh against NumPyro. The
+ensemble kernels and BlackJAX (the ``bench`` extra) are asked for by name."""
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 SINGLE_THREAD_FLAGS = (
@@ -167,7 +174,7 @@ def command_line(options: argparse.Namespace) -> str:
     ]
     if options.single_thread:
         words.append("--single-thread")
-    if list(options.methods) != list(METHODS):
+    if list(options.methods) != list(DEFAULT_METHODS):
         words.append(f"--methods {','.join(options.methods)}")
     if options.seed:
         words.append(f"--seed {options.seed}")
@@ -326,8 +333,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         type=_methods,
-        default=list(METHODS),
-        help=f"comma-separated subset of {','.join(METHODS)}",
+        default=list(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} "
+        f"(default {','.join(DEFAULT_METHODS)})",
     )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
     p.add_argument(

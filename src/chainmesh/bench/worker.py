@@ -154,8 +154,9 @@ def _longer(seconds: float) -> int:
     return min(100, math.ceil(2 * MIN_TIMED_S / max(seconds, 1e-9)))
 
 
-def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
-    """chainmesh ``Sampler`` on ``devices`` devices with ``inner`` per device."""
+def run_chainmesh(job: dict, devices: int, inner: str, **options: Any) -> dict:
+    """chainmesh ``Sampler`` on ``devices`` devices with ``inner`` per device
+    and other ``Sampler`` ``options`` (kernel, adaptation)."""
     import chainmesh as cm
 
     def sampler(num_samples: int = job["samples"]) -> cm.Sampler:
@@ -167,6 +168,7 @@ def run_chainmesh(job: dict, devices: int, inner: str) -> dict:
             devices=devices,
             inner=inner,
             progress_bar=False,
+            **options,
         )
 
     with measure() as cold:
@@ -344,6 +346,13 @@ def run_job(job: dict) -> dict:
         "chainmesh": lambda: run_chainmesh(job, job["devices"], "vmap"),
         "chainmesh_map": lambda: run_chainmesh(job, job["devices"], "map"),
         "chainmesh_1pd": lambda: run_chainmesh(job, job["chains"], "vmap"),
+        "chainmesh_chees": lambda: run_chainmesh(
+            job, job["devices"], "vmap", kernel="chees"
+        ),
+        "chainmesh_ensemble": lambda: run_chainmesh(
+            job, job["devices"], "vmap", adapt="ensemble"
+        ),
+        "blackjax_chees": lambda: _blackjax_chees(job),
         "device_loop": lambda: run_numpyro(job, loop_units(job["chains"], devices)),
         "raw_gradient": lambda: raw_gradient_rate(job["model"], job["chains"], devices),
     }
@@ -354,6 +363,12 @@ def run_job(job: dict) -> dict:
     metrics = runners[method]()
     metrics.setdefault("peak_rss_mb", peak_rss_mb())
     return metrics
+
+
+def _blackjax_chees(job: dict) -> dict:
+    from chainmesh.bench.peers import run_blackjax_chees
+
+    return run_blackjax_chees(job)
 
 
 def _finite(tree: Any) -> Any:
