@@ -37,6 +37,18 @@ def test_two_processes_match_one_process(tmp_path):
             np.testing.assert_array_equal(z[f"samples.{name}"], x)
         for name, x in local.extra.items():
             np.testing.assert_array_equal(z[f"extra.{name}"], x)
+        # Pooled adaptation over 2 processes: bitwise equal to 1 process.
+        for kernel, options in {
+            "chees": {"kernel": "chees"},
+            "ensemble": {"adapt": "ensemble"},
+        }.items():
+            one = cm.Sampler(
+                linreg, num_chains=8, devices=4, num_warmup=100, num_samples=100,
+                progress_bar=False, **options,
+            ).run(0, X, y)  # fmt: skip
+            for group in ("samples", "extra"):
+                for name, x in getattr(one, group).items():
+                    np.testing.assert_array_equal(z[f"{kernel}.{group}.{name}"], x)
 
 
 def test_a_dying_process_stops_the_others(tmp_path):

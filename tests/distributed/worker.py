@@ -16,6 +16,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from models import linreg, linreg_data  # noqa: E402
 
+ENSEMBLE = {"chees": {"kernel": "chees"}, "ensemble": {"adapt": "ensemble"}}
+
 from chainmesh.mesh import plan_chains  # noqa: E402
 
 if sys.argv[2:] == ["fail"] and jax.process_index() == 1:
@@ -32,6 +34,11 @@ if cm.distributed.is_main_process():
     np.testing.assert_array_equal(kept.samples["beta"], result.samples["beta"])
 else:
     assert kept.samples == {} and kept.extra == {}
+# Ensemble kernels pool over the chains of both processes.
+pooled = {
+    name: cm.Sampler(linreg, progress_bar=False, **options, **config).run(0, X, y)
+    for name, options in ENSEMBLE.items()
+}
 if cm.distributed.is_main_process():
     np.savez(
         sys.argv[1],
@@ -39,4 +46,10 @@ if cm.distributed.is_main_process():
         devices=len(jax.devices()),
         **{f"samples.{k}": v for k, v in result.samples.items()},
         **{f"extra.{k}": v for k, v in result.extra.items()},
+        **{
+            f"{name}.{group}.{k}": v
+            for name, r in pooled.items()
+            for group in ("samples", "extra")
+            for k, v in getattr(r, group).items()
+        },
     )
