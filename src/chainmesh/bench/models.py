@@ -57,7 +57,24 @@ def diamonds_data(seed: int = 0, n: int = 5000, k: int = 24) -> Example:
     )
 
 
-BENCH_MODELS = {**EXAMPLES, "diamonds": diamonds_data}
+def funnel(scale):
+    """Neal's funnel in ``1 + len(scale)`` dimensions: ``v ~ N(0, 3)``,
+    ``x_i ~ N(0, scale_i * exp(v / 2))``. Step sizes that suit the neck are
+    far too small for the mouth: NUTS's trees vary most from chain to chain
+    (where vectorized NUTS wastes most), and one global trajectory length
+    fits neither end."""
+    v = numpyro.sample("v", dist.Normal(0.0, 3.0))
+    numpyro.sample("x", dist.Normal(0.0, scale * jnp.exp(v / 2)).to_event(1))
+
+
+def funnel_data(seed: int = 0, d: int = 10) -> Example:
+    """The 10-D funnel (``v`` and 9 ``x``); data set ``k`` scales ``x`` by
+    ``1 + k / 100`` (same shapes, a new program argument)."""
+    scale = np.full(d - 1, 1.0 + seed / 100, np.float32)
+    return Example(funnel, (scale,), {"v": np.zeros((), np.float32)})
+
+
+BENCH_MODELS = {**EXAMPLES, "diamonds": diamonds_data, "funnel10": funnel_data}
 """Model name -> data factory ``(seed) -> Example``."""
 
 _FIXED_DATA = ("eight_schools", "gaussian100")

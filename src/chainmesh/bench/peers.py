@@ -22,8 +22,18 @@ import numpy as np
 from chainmesh.bench.models import bench_data
 
 INITIAL_STEP_SIZE = 0.1
-LEARNING_RATE = 0.025
-"""Adam's learning rate on the log trajectory length (the ChEES paper's)."""
+LEARNING_RATE = 0.1
+"""Adam's learning rate on the log trajectory length.
+
+BlackJAX starts the trajectory length at the initial step size (one leapfrog
+step) and leaves divergent chains out of the harmonic mean acceptance. Tried
+on eight schools (16 chains, 500 warmup) with initial step sizes 0.1, 0.5 and
+1.0 and rates 0.025, 0.05 and 0.1, only 0.1 / 0.1 grew the length past one
+step (5 steps per transition; step size 0.40); the others ended at 1 step,
+with step sizes up to 10.9 once every chain diverged. On the logistic
+regression no setting tried (step sizes 0.003 to 1.0, rates 0.025 to 0.1)
+left one step per transition. These two constants are the best of that grid.
+"""
 
 
 def run_blackjax_chees(job: dict) -> dict:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax, random
 from jax.flatten_util import ravel_pytree
-from numpyro.infer.hmc import HMCState, momentum_generator
+from numpyro.infer.hmc import HMCState
 from numpyro.infer.hmc_util import IntegratorState, warmup_adapter
 
 from chainmesh.config import SamplerConfig
@@ -94,11 +94,47 @@ def _where_lanes(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(pick, on_true, on_false)
 
 
-def _single_block(imm: dict, z: dict) -> jax.Array:
-    """The one mass-matrix block chainmesh adapts, covering every site."""
-    if len(imm) != 1 or next(iter(imm)) != tuple(sorted(z)):
-        raise ValueError(f"expected one mass-matrix block of all sites, got {imm}")
-    return next(iter(imm.values()))
+def _blank(states: HMCState, flat: jax.Array, max_depth: int) -> Lane:
+    """A lane of zeros shaped for ``states`` (a block), before its first start."""
+    lanes = states.potential_energy.shape[0]
+
+    def zeros(*shape, dtype=flat.dtype):
+        return jnp.zeros((lanes, *shape), dtype)
+
+    vec, num, no = zeros(flat.size), zeros(), zeros(dtype=bool)
+    count, keys = zeros(dtype=states.num_steps.dtype), states.rng_key
+    tree = at.Tree(
+        *[vec] * 8, num, num, zeros(dtype=jnp.int32), num, vec, no, no, num, count
+    )
+    ckpts = zeros(max_depth, flat.size)
+    sub = at.Subtree(
+        *[vec] * 5, num, num, num, vec, no, no, num, count, ckpts, ckpts, keys, keys, no
+    )
+    return Lane(states, keys, num, tree, sub, keys)
+
+
+def _block(blocks: dict) -> jax.Array:
+    """The one mass-matrix block chainmesh adapts (all sites, sorted)."""
+    return next(iter(blocks.values()))
+
+
+def _flat_state(state: HMCState) -> HMCState:
+    """A chain's state with flat ``z`` and ``z_grad`` (inside a chunk)."""
+    return state._replace(z=_flat(state.z), z_grad=_flat(state.z_grad))
+
+
+def _sites_state(state: HMCState, unravel: Callable) -> HMCState:
+    """The inverse of ``_flat_state``."""
+    return state._replace(z=unravel(state.z), z_grad=unravel(state.z_grad))
+
+
+def _momentum(mass_matrix_sqrt: jax.Array, key: jax.Array) -> jax.Array:
+    """NumPyro's ``momentum_generator`` for one block, flat (same keys)."""
+    (key,) = random.split(key, 1)
+    eps = random.normal(key, mass_matrix_sqrt.shape[:1])
+    if mass_matrix_sqrt.ndim == 1:
+        return jnp.multiply(mass_matrix_sqrt, eps)
+    return jnp.dot(mass_matrix_sqrt, eps)
 
 
 def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> AsyncNUTS:
@@ -118,25 +154,23 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
     )
     num_warmup, max_depth = config.num_warmup, config.max_tree_depth
 
-    def start(state: HMCState, ckpts: jax.Array) -> Lane:
-        """``sample_kernel`` up to ``build_tree``'s first doubling."""
+    def begin(state: HMCState) -> tuple:
+        """``sample_kernel`` up to ``build_tree``'s loop: ``(next key,
+        energy, one-point tree, tree key)`` of a flat state."""
         next_key, key_momentum, key = random.split(state.rng_key, 3)
         adapt = state.adapt_state
-        r = momentum_generator(state.z, adapt.mass_matrix_sqrt, key_momentum)
-        r = ravel_pytree(r)[0]
-        imm = _single_block(adapt.inverse_mass_matrix, state.z)
-        energy0 = state.potential_energy + at.kinetic_energy(imm, r)
-        z, g = ravel_pytree(state.z)[0], ravel_pytree(state.z_grad)[0]
-        tree = at.new_tree(z, r, g, state.potential_energy, energy0)
-        sub, key = at.start_doubling(tree, key, ckpts)
-        return Lane(state, next_key, energy0, tree, sub, key)
+        r = _momentum(_block(adapt.mass_matrix_sqrt), key_momentum)
+        energy0 = state.potential_energy + at.kinetic_energy(
+            _block(adapt.inverse_mass_matrix), r
+        )
+        tree = at.new_tree(state.z, r, state.z_grad, state.potential_energy, energy0)
+        return next_key, energy0, tree, key
 
     def finish(lane: Lane, unravel: Callable) -> HMCState:
-        """``sample_kernel`` after ``build_tree``: the chain's next state."""
+        """``sample_kernel`` after ``build_tree``: the chain's next flat state."""
         s, tree = lane.state, lane.tree
         accept_prob = tree.sum_accept / tree.n_prop
-        z, z_grad = unravel(tree.z_prop), unravel(tree.g_prop)
-        z_info = IntegratorState(z, None, tree.pe_prop, z_grad)
+        z_info = IntegratorState(unravel(tree.z_prop), None, tree.pe_prop, None)
         warm = s.i < num_warmup
         adapt = wa_update(s.i, accept_prob, z_info, s.adapt_state)
         adapt = at.select(warm, adapt, s.adapt_state)
@@ -144,33 +178,33 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         n = jnp.where(warm, itr, itr - num_warmup)
         mean = s.mean_accept_prob + (accept_prob - s.mean_accept_prob) / n
         return HMCState(
-            itr, z, z_grad, tree.pe_prop, tree.energy_prop, s.r,
+            itr, tree.z_prop, tree.g_prop, tree.pe_prop, tree.energy_prop, s.r,
             s.trajectory_length, tree.n_prop, accept_prob, mean,
             tree.diverging, adapt, lane.next_key,
         )  # fmt: skip
 
-    def step(lane: Lane, active, value_and_grad: Callable, unravel: Callable):
+    def step(lane: Lane, value_and_grad: Callable, unravel: Callable):
         """One leaf on a lane: ``(lane, subtree done, tree done, next state)``.
 
-        An idle lane computes its step too (lanes are vectorized) but keeps
-        its state, so it stays finite.
+        A lane without work steps too (lanes are vectorized): it runs
+        transitions that nothing records, so its values stay finite.
         """
         adapt = lane.state.adapt_state
-        imm = _single_block(adapt.inverse_mass_matrix, lane.state.z)
         tree, sub, sub_done, tree_done = at.advance(
-            lane.tree, lane.sub, value_and_grad, imm, adapt.step_size,
-            lane.energy0, max_depth,
+            lane.tree, lane.sub, value_and_grad, _block(adapt.inverse_mass_matrix),
+            adapt.step_size, lane.energy0, max_depth,
         )  # fmt: skip
-        lane = at.select(active, lane._replace(tree=tree, sub=sub), lane)
-        return lane, active & sub_done, active & tree_done, finish(lane, unravel)
+        lane = lane._replace(tree=tree, sub=sub)
+        return lane, sub_done, tree_done, finish(lane, unravel)
 
     def restart(lane: Lane, state: HMCState, fresh, grow) -> Lane:
-        """The lane's next doubling: of its tree when ``grow``, of a new
-        transition of ``state`` when ``fresh``; ``state`` becomes its state."""
-        ckpts = (lane.sub.r_ckpts, lane.sub.r_sum_ckpts)
-        sub, key = at.start_doubling(lane.tree, lane.key, ckpts)
-        lane = at.select(grow, lane._replace(sub=sub, key=key), lane)
-        return at.select(fresh, start(state, ckpts), lane._replace(state=state))
+        """The lane's next doubling: of a new transition of ``state`` when
+        ``fresh``, else of its tree when ``grow``; ``state`` is its state."""
+        kept = (lane.next_key, lane.energy0, lane.tree, lane.key)
+        next_key, energy0, tree, key = at.select(fresh, begin(state), kept)
+        sub, new_key = at.start_doubling(tree, key, lane.sub)
+        sub, key = at.select(fresh | grow, (sub, new_key), (lane.sub, key))
+        return Lane(state, next_key, energy0, tree, sub, key)
 
     def chunk(
         state: HMCState,
@@ -209,6 +243,10 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         width = num_chains if lanes is None else min(lanes, num_chains)
         potential = gen(*args, **kwargs)
         flat0, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], state.z))
+        blocks = tuple(state.adapt_state.inverse_mass_matrix)
+        if blocks != (tuple(sorted(state.z)),):
+            raise ValueError(f"expected one mass-matrix block of all sites: {blocks}")
+        state = jax.vmap(_flat_state)(state)
 
         def value_and_grad(z):
             return jax.value_and_grad(lambda q: potential(unravel(q)))(z)
@@ -216,6 +254,7 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         lane_step = jax.vmap(
             partial(step, value_and_grad=value_and_grad, unravel=unravel)
         )
+        lane_restart = jax.vmap(restart)
         owed = (n_draws * per_draw).astype(jnp.int32)
         none = jnp.int32(num_chains)
 
@@ -244,8 +283,8 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
             chain, active, states = assign(
                 pool, jnp.full(width, none), jnp.ones(width, bool), done
             )
-        ckpts = jnp.zeros((width, max_depth, flat0.size), flat0.dtype)
-        lanes0 = jax.vmap(start)(states, (ckpts, ckpts))
+        every = jnp.ones(width, bool)
+        lanes0 = lane_restart(_blank(states, flat0, max_depth), states, every, every)
         extra = jax.tree.map(
             lambda v: jnp.zeros((num_chains, size), v.dtype),
             extra_fields(jax.tree.map(lambda x: x[0], state)),
@@ -255,45 +294,46 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         carry = _Carry(lanes0, active, chain, pool, done, done, z, extra, counts)
 
         def body(c: _Carry) -> _Carry:
-            lanes_, sub_done, tree_done, new = lane_step(c.lanes, c.active)
-            on = jnp.where(c.active, c.chain, none)
-            ends = jnp.where(tree_done, c.chain, none)
-            done = c.done.at[ends].add(1, mode="drop")
-            steps = c.steps.at[on].add(1, mode="drop")
-            t = done.at[c.chain].get(mode="fill", fill_value=0)
-            row = jnp.where(tree_done & (t % per_draw == 0), c.chain, none)
+            lanes_, sub_done, tree_done, new = lane_step(c.lanes)
+            ends = c.active & tree_done
+            if c.pool is None:  # lane i runs chain i
+                done, steps = c.done + ends, c.steps + c.active
+                t = done
+            else:
+                at_end = jnp.where(ends, c.chain, none)
+                done = c.done.at[at_end].add(1, mode="drop")
+                on = jnp.where(c.active, c.chain, none)
+                steps = c.steps.at[on].add(1, mode="drop")
+                t = done.at[c.chain].get(mode="fill", fill_value=0)
+            row = jnp.where(ends & (t % per_draw == 0), c.chain, none)
             col = t // per_draw - 1
-            z = c.z.at[row, col].set(jax.vmap(_flat)(new.z), mode="drop")
+            z = c.z.at[row, col].set(lanes_.tree.z_prop, mode="drop")
             extra = jax.tree.map(
                 lambda b, v: b.at[row, col].set(v, mode="drop"),
                 c.extra,
                 extra_fields(new),
             )
             is_real = real.at[c.chain].get(mode="fill", fill_value=False)
-            counted = jnp.stack(
-                [
-                    (c.active & is_real).sum(),
-                    jnp.asarray(width),
-                    (tree_done & is_real & new.diverging).sum(),
-                ]
-            )
-            counts = _add_wide(c.counts, counted.astype(jnp.int32))
+            counted = [
+                (c.active & is_real).sum(),
+                jnp.asarray(width),
+                (ends & is_real & new.diverging).sum(),
+            ]
+            counts = _add_wide(c.counts, jnp.stack(counted).astype(jnp.int32))
             if c.pool is None:
-                states = _where_lanes(tree_done, new, lanes_.state)
-                fresh = tree_done & (t < owed)
-                chain, pool = c.chain, None
-                active = c.active & ~(tree_done & (t >= owed))
+                states = _where_lanes(ends, new, lanes_.state)
+                chain, pool, fresh = c.chain, None, tree_done
+                active = c.active & ~(ends & (t >= owed))
             else:
                 pool = jax.tree.map(
-                    lambda p, x: p.at[ends].set(x, mode="drop"), c.pool, new
+                    lambda p, x: p.at[at_end].set(x, mode="drop"), c.pool, new
                 )
-                chain, fresh, states = assign(
-                    pool, c.chain, tree_done | ~c.active, done
-                )
-                states = _where_lanes(fresh, states, lanes_.state)
-                active = (c.active & ~tree_done) | fresh
+                chain, gets, states = assign(pool, c.chain, ends | ~c.active, done)
+                states = _where_lanes(gets, states, lanes_.state)
+                active = (c.active & ~ends) | gets
+                fresh = tree_done | gets
             grow = sub_done & ~tree_done
-            lanes_ = jax.vmap(restart)(lanes_, states, fresh, grow)
+            lanes_ = lane_restart(lanes_, states, fresh, grow)
             return _Carry(lanes_, active, chain, pool, done, steps, z, extra, counts)
 
         out = lax.while_loop(lambda c: c.active.any(), body, carry)
@@ -316,6 +356,7 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         )
         counts = jnp.concatenate([out.counts, _bound_words(out.steps, width)[None]])
         final = out.lanes.state if out.pool is None else out.pool
+        final = jax.vmap(partial(_sites_state, unravel=unravel))(final)
         return final, draws, out.extra, counts
 
     return AsyncNUTS(chunk=chunk)

@@ -130,12 +130,12 @@ def new_tree(z, r, g, pe, energy) -> Tree:
     )  # fmt: skip
 
 
-def start_doubling(tree: Tree, key: jax.Array, ckpts: jax.Array) -> tuple:
+def start_doubling(tree: Tree, key: jax.Array, sub: Subtree) -> tuple:
     """Draw the direction of the next doubling: ``(subtree, key)``.
 
     The splits are those of ``build_tree``'s loop body and ``_double_tree``.
-    ``ckpts`` are the previous checkpoints (reused: a leaf reads only those
-    written earlier in its own subtree).
+    The checkpoints of the previous subtree ``sub`` are kept: a leaf reads
+    only checkpoints written earlier in its own subtree.
     """
     key, direction_key, doubling_key = random.split(key, 3)
     going_right = random.bernoulli(direction_key)
@@ -153,8 +153,8 @@ def start_doubling(tree: Tree, key: jax.Array, ckpts: jax.Array) -> tuple:
         diverging=jnp.array(False),
         sum_accept=tree.sum_accept,
         n_prop=jnp.zeros_like(tree.n_prop),
-        r_ckpts=ckpts[0],
-        r_sum_ckpts=ckpts[1],
+        r_ckpts=sub.r_ckpts,
+        r_sum_ckpts=sub.r_sum_ckpts,
         key=sub_key,
         transition_key=transition_key,
         going_right=going_right,

@@ -3,7 +3,7 @@
 ``chees`` implements the block transition and its pooled adaptation; this
 module gives it the state layout the programs expect (one pytree per chain,
 with ``z``, ``num_steps``, ``diverging`` and the extra fields), NumPyro's
-initialization (init strategies, a reasonable step size per chain), and
+initialization (init strategies; initial step size 1, as NumPyro's NUTS), and
 per-chain keys: a chain's momentum and acceptance draws come from its own
 ``rng_key``, split once per transition as NumPyro does.
 """
@@ -15,12 +15,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import chees
 from chainmesh.kernels.base import Kernel
-from chainmesh.kernels.ensemble import pooled_sum
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.kernels.pooled_nuts import POOL_AXIS
 from chainmesh.model import ModelInfo, potential_fn_gen
@@ -99,21 +97,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             reproducible=True,
         )
 
-        def start(s: ChEESChain) -> ChEESChain:
-            """Before the first transition: the chains' step sizes pooled."""
-            log_eps = s.adapt.log_step_size
-            log_eps = pooled_sum(log_eps, real, POOL_AXIS, True) / pooled_sum(
-                jnp.ones_like(log_eps), real, POOL_AXIS, True
-            )
-            ten = jnp.log(10.0).astype(log_eps.dtype)
-            shared = jnp.broadcast_to(log_eps, s.adapt.log_step_size.shape)
-            adapt = s.adapt._replace(
-                log_step_size=shared, log_step_size_avg=shared, da_mu=shared + ten
-            )
-            return s._replace(adapt=adapt)
-
         def run(s: ChEESChain) -> ChEESChain:
-            s = lax.cond(s.adapt.step[0] == 0, start, lambda s: s, s)
             keys = jax.vmap(jax.random.split)(s.rng_key)
             moved, out = step(
                 keys[:, 1],

@@ -10,8 +10,8 @@ parameters from statistics pooled over every real chain of the mesh
 - mass matrix: NumPyro's Welford moments of the slow windows, merged from
   every chain's draws (diagonal or dense), regularized as NumPyro does;
 - the same windows (``build_adaptation_schedule``) and the same restarts: at
-  a window's end each chain finds a reasonable step size for the new metric
-  and the step sizes are pooled (geometric mean).
+  a slow window's end the pooled (co)variance becomes the metric and dual
+  averaging restarts from the current step size, as NumPyro's NUTS does.
 
 The state stays NumPyro's ``HMCState``: each lane's ``adapt_state`` holds the
 shared values (replicated), so extra fields, checkpoints and resume need
@@ -29,12 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from numpyro.infer.hmc import HMCState, momentum_generator
+from numpyro.infer.hmc import HMCState
 from numpyro.infer.hmc_util import (
     HMCAdaptState,
     dual_averaging,
-    euclidean_kinetic_energy,
-    find_reasonable_step_size,
     welford_covariance,
 )
 
@@ -42,7 +40,7 @@ from chainmesh.config import SamplerConfig
 from chainmesh.kernels.base import Kernel
 from chainmesh.kernels.ensemble import mass_schedule, pooled_sum
 from chainmesh.kernels.nuts import build_nuts, extra_fields
-from chainmesh.model import ModelInfo, potential_fn_gen
+from chainmesh.model import ModelInfo
 
 POOL_AXIS = "chain"
 """The mesh axis whose devices' chains pool (``chainmesh.mesh.CHAIN``); a
@@ -65,46 +63,21 @@ def build_pooled_nuts(
     collect, window_end = jnp.asarray(collect), jnp.asarray(window_end)
     ss_init, ss_update = dual_averaging()
     _, _, mm_final = welford_covariance(diagonal=not config.dense_mass)
-    enum = bool(info.enumerated)
     target = config.target_accept_prob
 
     def block(args: tuple, kwargs: dict, real: jax.Array) -> Callable:
         step = jax.vmap(partial(frozen.step, args=args, kwargs=kwargs))
         pool = partial(pooled_sum, real=real, axis_name=POOL_AXIS, reproducible=True)
-        reasonable = partial(
-            find_reasonable_step_size,
-            potential_fn_gen(model, enum)(*args, **kwargs),
-            euclidean_kinetic_energy,
-            momentum_generator,
-        )
 
-        def pool_log(eps: jax.Array) -> jax.Array:
-            """Geometric mean over the mesh's real chains of per-lane values."""
-            return pool(jnp.log(eps)) / pool(jnp.ones_like(eps))
-
-        def restart(adapt: HMCAdaptState, log_eps: jax.Array) -> HMCAdaptState:
-            """Dual averaging restarts from ``exp(log_eps)`` (NumPyro's rule)."""
-            prox = jnp.log(10.0).astype(log_eps.dtype) + log_eps
-            return adapt._replace(step_size=jnp.exp(log_eps), ss_state=ss_init(prox))
-
-        def start(state: HMCState) -> HMCState:
-            """Before the first transition: the chains' initial step sizes
-            (NumPyro's reasonable step size of each) pooled into one."""
-            log_eps = pool_log(state.adapt_state.step_size)
-            return _broadcast(state, restart(_first(state.adapt_state), log_eps))
-
-        def new_metric(state: HMCState, adapt: HMCAdaptState) -> HMCAdaptState:
+        def restart(adapt: HMCAdaptState) -> HMCAdaptState:
             """At a slow window's end: the pooled (co)variance is the metric,
-            each chain finds a reasonable step size for it, those are pooled."""
+            and dual averaging restarts from the current step size (NumPyro's
+            rule: ``prox_center = log(10 step_size)``)."""
             adapt = _new_metric(adapt, mm_final)
-            lanes = real.size
-            eps = jax.vmap(reasonable)(
-                jnp.broadcast_to(adapt.step_size, (lanes,)),
-                _lanes(adapt.inverse_mass_matrix, lanes),
-                (state.z, None, state.potential_energy, state.z_grad),
-                jax.vmap(lambda k: jax.random.split(k)[1])(state.adapt_state.rng_key),
+            prox = jnp.log(10.0).astype(adapt.step_size.dtype) + jnp.log(
+                adapt.step_size
             )
-            return restart(adapt, pool_log(eps))
+            return adapt._replace(ss_state=ss_init(prox))
 
         def update(t: jax.Array, state: HMCState) -> HMCState:
             """The pooled warmup update after transition ``t``."""
@@ -129,17 +102,11 @@ def build_pooled_nuts(
                 ss_state=ss,
                 mm_state={block_name: _merge((mean, m2, n), pooled, collect[t])},
             )
-            adapt = lax.cond(
-                window_end[t],
-                partial(new_metric, state),
-                lambda a: a,
-                adapt,
-            )
+            adapt = lax.cond(window_end[t], restart, lambda a: a, adapt)
             return _broadcast(state, adapt)
 
         def run(state: HMCState) -> HMCState:
             t = state.i[0]  # every lane is at the same transition
-            state = lax.cond(t == 0, start, lambda s: s, state)
             state = step(state)
             if num_warmup == 0:
                 return state
@@ -165,8 +132,9 @@ def _broadcast(state: HMCState, adapt: HMCAdaptState) -> HMCState:
     """Every lane gets the shared adaptation state (each keeps its own key)."""
     lanes = state.accept_prob.shape[0]
     shared = _lanes(adapt._replace(rng_key=None), lanes)
-    keys = jax.vmap(lambda k: jax.random.split(k)[0])(state.adapt_state.rng_key)
-    return state._replace(adapt_state=shared._replace(rng_key=keys))
+    return state._replace(
+        adapt_state=shared._replace(rng_key=state.adapt_state.rng_key)
+    )
 
 
 def _merge(moments: tuple, pooled: dict, collect: jax.Array) -> tuple:
