@@ -175,7 +175,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_writes_the_three_files(tiny_run):
     out, results = tiny_run
     text = (out / "results.md").read_text()
-    shown = [LABELS[m] for m in DEFAULT_METHODS]
+    shown = [LABELS[m] for m in bench.DEFAULT_METHODS]
     assert all(f"| 2 | 2 | {label} |" in text for label in shown)
     png = out / "scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
