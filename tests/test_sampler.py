@@ -111,6 +111,11 @@ def test_stats_leave_padding_chains_out():
     assert ten.stats["lockstep_steps"] == twelve.stats["lockstep_steps"] == paid
     assert ten.stats["lockstep_efficiency"] == pytest.approx(steps[:10].sum() / paid)
     assert ten.stats["divergences"] == twelve.extra["diverging"][:10].sum()
+    # The bound: per chunk (one here: 100 draws), lanes x the longest chain's
+    # total; padding lanes run and count there too.
+    bound = 3 * device_blocks(steps, 4).sum(axis=2).max(axis=1).sum()
+    assert ten.stats["lockstep_bound"] == pytest.approx(steps[:10].sum() / bound)
+    assert twelve.stats["lockstep_bound"] >= twelve.stats["lockstep_efficiency"]
 
 
 def test_inner_map_pays_for_padding_lanes_only():

@@ -31,7 +31,7 @@ from chainmesh import identity
 from chainmesh.store import FileStore, MemoryStore, NullStore
 
 FILE = "checkpoint.npz"
-FORMAT = 2
+FORMAT = 3
 
 
 class Saved(NamedTuple):

@@ -34,12 +34,17 @@ from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
 from chainmesh.model import ModelInfo, postprocess_fn
 
-COUNTERS = ("leapfrog_steps", "lockstep_steps", "divergences")
+COUNTERS = ("leapfrog_steps", "lockstep_steps", "divergences", "bound_steps")
 """Per-device counters a chunk returns, summed over every transition it ran.
 
 ``leapfrog_steps`` and ``divergences`` count real chains only (padding chains
 and padding shards are masked out); ``lockstep_steps`` is what the device paid:
-lanes x the longest trajectory of the block, per transition.
+lanes x the longest trajectory of the block, per transition (``vmap``), or
+lanes x the iterations of the asynchronous loop (``async``). ``bound_steps``
+is what the best schedule of this chunk's work over the device's lanes would
+pay, per chunk: lanes x the largest total of one chain (with more chains than
+lanes, at least their sum spread evenly): no schedule that keeps each chain's
+transitions in order can finish sooner.
 """
 
 LOW_BITS = 20
@@ -168,24 +173,27 @@ def _block_chunk(
     extra = jax.tree.map(buffer, fields(state))
 
     def transition(_, carry):
-        s, counts = carry
+        s, counts, totals = carry
         s = step(s)
         steps = s.num_steps.astype(jnp.int32)
         used = jnp.where(real, steps, 0).sum()
         diverged = jnp.logical_and(real, s.diverging).sum()
-        per_step = jnp.stack([used, steps.max() * lanes, diverged])
+        # The bound grows with the longest chain's total in this chunk.
+        grown = (jnp.max(totals + steps) - jnp.max(totals)) * lanes
+        per_step = jnp.stack([used, steps.max() * lanes, diverged, grown])
         counts = _add_wide(counts, per_step.astype(jnp.int32))
-        return s, counts
+        return s, counts, totals + steps
 
     def one_draw(j, carry):
-        s, d, e, counts = carry
-        s, counts = lax.fori_loop(0, per_draw, transition, (s, counts))
+        s, d, e, counts, totals = carry
+        s, counts, totals = lax.fori_loop(0, per_draw, transition, (s, counts, totals))
         e = _write(e, j, fields(s))
         d = lax.cond(collect, lambda d: _write(d, j, post(s.z)), lambda d: d, d)
-        return s, d, e, counts
+        return s, d, e, counts, totals
 
-    carry = (state, draws, extra, jnp.zeros((len(COUNTERS), 2), jnp.int32))
-    state, draws, extra, counts = lax.fori_loop(0, n_draws, one_draw, carry)
+    counts = jnp.zeros((len(COUNTERS), 2), jnp.int32)
+    carry = (state, draws, extra, counts, jnp.zeros(real.shape, jnp.int32))
+    state, draws, extra, counts, _ = lax.fori_loop(0, n_draws, one_draw, carry)
     lead = real.ndim
     return state, _draw_axis_last(draws, lead), _draw_axis_last(extra, lead), counts
 

@@ -102,7 +102,9 @@ def run_stats(out: Any, compile_s: float, compilations: int, init_s: float) -> d
     """The ``Result.stats`` dict of a run (``out`` is the driver's output).
 
     Counts cover real chains only and every transition (thinned ones too);
-    ``lockstep_steps`` is what the devices paid, padding lanes included.
+    ``lockstep_steps`` is what the devices paid, padding lanes included;
+    ``lockstep_bound`` is the efficiency the best schedule of the same work
+    could reach (``program.COUNTERS``: the longest chain sets the pace).
     Seconds and counts of a resumed run include the part before the resume.
     """
     sample, warm = out.counters["sample"], out.counters["warmup"]
@@ -119,6 +121,9 @@ def run_stats(out: Any, compile_s: float, compilations: int, init_s: float) -> d
         ),
         "lockstep_efficiency_warmup": lockstep_efficiency(
             warm["leapfrog_steps"], warm["lockstep_steps"]
+        ),
+        "lockstep_bound": lockstep_efficiency(
+            sample["leapfrog_steps"], sample["bound_steps"]
         ),
         "leapfrog_steps_warmup": warm["leapfrog_steps"],
         "divergences": sample["divergences"],

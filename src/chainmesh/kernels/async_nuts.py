@@ -166,44 +166,47 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         tree = at.new_tree(state.z, r, state.z_grad, state.potential_energy, energy0)
         return next_key, energy0, tree, key
 
-    def finish(lane: Lane, unravel: Callable) -> HMCState:
-        """``sample_kernel`` after ``build_tree``: the chain's next flat state."""
-        s, tree = lane.state, lane.tree
+    def finish(lane: Lane, tree: at.Tree, adapt: Callable) -> HMCState:
+        """``sample_kernel`` after ``build_tree``: the chain's next flat state.
+
+        ``adapt`` is NumPyro's ``wa_update`` (or, when no lane adapts, a
+        function returning the adaptation state unchanged).
+        """
+        s = lane.state
         accept_prob = tree.sum_accept / tree.n_prop
-        z_info = IntegratorState(unravel(tree.z_prop), None, tree.pe_prop, None)
         warm = s.i < num_warmup
-        adapt = wa_update(s.i, accept_prob, z_info, s.adapt_state)
-        adapt = at.select(warm, adapt, s.adapt_state)
+        adapted = adapt(s.i, accept_prob, tree.z_prop, tree.pe_prop, s.adapt_state)
         itr = s.i + 1
         n = jnp.where(warm, itr, itr - num_warmup)
         mean = s.mean_accept_prob + (accept_prob - s.mean_accept_prob) / n
         return HMCState(
             itr, tree.z_prop, tree.g_prop, tree.pe_prop, tree.energy_prop, s.r,
-            s.trajectory_length, tree.n_prop, accept_prob, mean,
-            tree.diverging, adapt, lane.next_key,
+            s.trajectory_length, tree.n_prop, accept_prob, mean, tree.diverging,
+            at.select(warm, adapted, s.adapt_state), lane.next_key,
         )  # fmt: skip
 
-    def step(lane: Lane, value_and_grad: Callable, unravel: Callable):
-        """One leaf on a lane: ``(lane, subtree done, tree done, next state)``.
+    def step(lane: Lane, value_and_grad: Callable):
+        """One leaf on a lane: ``(lane, tree with the subtree in, subtree
+        done, tree done)``; the lane's tree is kept (see ``restart``).
 
         A lane without work steps too (lanes are vectorized): it runs
         transitions that nothing records, so its values stay finite.
         """
         adapt = lane.state.adapt_state
-        tree, sub, sub_done, tree_done = at.advance(
+        combined, sub, sub_done, tree_done = at.advance(
             lane.tree, lane.sub, value_and_grad, _block(adapt.inverse_mass_matrix),
             adapt.step_size, lane.energy0, max_depth,
         )  # fmt: skip
-        lane = lane._replace(tree=tree, sub=sub)
-        return lane, sub_done, tree_done, finish(lane, unravel)
+        return lane._replace(sub=sub), combined, sub_done, tree_done
 
-    def restart(lane: Lane, state: HMCState, fresh, grow) -> Lane:
+    def restart(lane: Lane, combined, state: HMCState, fresh, sub_done) -> Lane:
         """The lane's next doubling: of a new transition of ``state`` when
-        ``fresh``, else of its tree when ``grow``; ``state`` is its state."""
-        kept = (lane.next_key, lane.energy0, lane.tree, lane.key)
+        ``fresh``, else of its tree (``combined`` in) when ``sub_done``."""
+        tree = at.select(sub_done, combined, lane.tree)
+        kept = (lane.next_key, lane.energy0, tree, lane.key)
         next_key, energy0, tree, key = at.select(fresh, begin(state), kept)
         sub, new_key = at.start_doubling(tree, key, lane.sub)
-        sub, key = at.select(fresh | grow, (sub, new_key), (lane.sub, key))
+        sub, key = at.select(fresh | sub_done, (sub, new_key), (lane.sub, key))
         return Lane(state, next_key, energy0, tree, sub, key)
 
     def chunk(
@@ -251,10 +254,27 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         def value_and_grad(z):
             return jax.value_and_grad(lambda q: potential(unravel(q)))(z)
 
-        lane_step = jax.vmap(
-            partial(step, value_and_grad=value_and_grad, unravel=unravel)
-        )
+        lane_step = jax.vmap(partial(step, value_and_grad=value_and_grad))
         lane_restart = jax.vmap(restart)
+
+        def adapt(i, accept_prob, z, pe, adapt_state):
+            z_info = IntegratorState(unravel(z), None, pe, None)
+            return wa_update(i, accept_prob, z_info, adapt_state)
+
+        def keep(i, accept_prob, z, pe, adapt_state):
+            return adapt_state
+
+        def lane_finish(lanes_, combined):
+            """Every lane's would-be next state. Past warmup (no lane adapts:
+            the block's phase, not a lane's transition) adaptation is skipped.
+            """
+            warm = jnp.any(lanes_.state.i < num_warmup)
+            return lax.cond(
+                warm,
+                lambda: jax.vmap(partial(finish, adapt=adapt))(lanes_, combined),
+                lambda: jax.vmap(partial(finish, adapt=keep))(lanes_, combined),
+            )
+
         owed = (n_draws * per_draw).astype(jnp.int32)
         none = jnp.int32(num_chains)
 
@@ -284,7 +304,8 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
                 pool, jnp.full(width, none), jnp.ones(width, bool), done
             )
         every = jnp.ones(width, bool)
-        lanes0 = lane_restart(_blank(states, flat0, max_depth), states, every, every)
+        blank = _blank(states, flat0, max_depth)
+        lanes0 = lane_restart(blank, blank.tree, states, every, every)
         extra = jax.tree.map(
             lambda v: jnp.zeros((num_chains, size), v.dtype),
             extra_fields(jax.tree.map(lambda x: x[0], state)),
@@ -294,7 +315,8 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         carry = _Carry(lanes0, active, chain, pool, done, done, z, extra, counts)
 
         def body(c: _Carry) -> _Carry:
-            lanes_, sub_done, tree_done, new = lane_step(c.lanes)
+            lanes_, combined, sub_done, tree_done = lane_step(c.lanes)
+            new = lane_finish(lanes_, combined)
             ends = c.active & tree_done
             if c.pool is None:  # lane i runs chain i
                 done, steps = c.done + ends, c.steps + c.active
@@ -307,7 +329,7 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
                 t = done.at[c.chain].get(mode="fill", fill_value=0)
             row = jnp.where(ends & (t % per_draw == 0), c.chain, none)
             col = t // per_draw - 1
-            z = c.z.at[row, col].set(lanes_.tree.z_prop, mode="drop")
+            z = c.z.at[row, col].set(combined.z_prop, mode="drop")
             extra = jax.tree.map(
                 lambda b, v: b.at[row, col].set(v, mode="drop"),
                 c.extra,
@@ -332,8 +354,7 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
                 states = _where_lanes(gets, states, lanes_.state)
                 active = (c.active & ~ends) | gets
                 fresh = tree_done | gets
-            grow = sub_done & ~tree_done
-            lanes_ = lane_restart(lanes_, states, fresh, grow)
+            lanes_ = lane_restart(lanes_, combined, states, fresh, sub_done)
             return _Carry(lanes_, active, chain, pool, done, steps, z, extra, counts)
 
         out = lax.while_loop(lambda c: c.active.any(), body, carry)

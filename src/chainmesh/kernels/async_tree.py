@@ -168,11 +168,13 @@ def _add_leaf(
     imm: jax.Array,
     step_size: jax.Array,
     energy0: jax.Array,
-) -> Subtree:
+) -> tuple[Subtree, tuple, jax.Array, jax.Array]:
     """One leapfrog step from the subtree's outer leaf, the leaf added to it.
 
     ``_build_basetree``, then the body of ``_iterative_build_subtree``: the
-    uniform multinomial combine, the checkpoint update and the U-turn checks.
+    checkpoint update, the U-turn checks and the uniform multinomial combine,
+    but for its draw: returns ``(subtree, leaf proposal, key, probability)``,
+    the proposal moving to the leaf if the draw says so.
     """
     eps = jnp.where(sub.going_right, step_size, -step_size)
     r = sub.r - 0.5 * eps * sub.g
@@ -187,7 +189,7 @@ def _add_leaf(
 
     key, transition_key = random.split(sub.key)
     first = sub.n_prop == 0
-    take = first | random.bernoulli(transition_key, expit(weight - sub.weight))
+    prob = jnp.where(first, 1.0, expit(weight - sub.weight))
     r_sum = jnp.where(first, r, sub.r_sum + r)
 
     leaf_idx = sub.n_prop
@@ -200,11 +202,8 @@ def _add_leaf(
     turns = jax.vmap(_is_turning, (None, 0, None, 0))(imm, r_ckpts, r, subtree_r_sum)
     turning = jnp.any(turns & (idx >= idx_min) & (idx <= idx_max))
 
-    z_prop, g_prop, pe_prop, energy_prop = select(
-        take, (z, g, pe, energy), (sub.z_prop, sub.g_prop, sub.pe_prop, sub.energy_prop)
-    )
-    return Subtree(
-        z, r, g, z_prop, g_prop, pe_prop, energy_prop,
+    sub = Subtree(
+        z, r, g, sub.z_prop, sub.g_prop, sub.pe_prop, sub.energy_prop,
         weight=jnp.where(first, weight, jnp.logaddexp(sub.weight, weight)),
         r_sum=r_sum,
         turning=turning,
@@ -217,10 +216,12 @@ def _add_leaf(
         transition_key=sub.transition_key,
         going_right=sub.going_right,
     )  # fmt: skip
+    return sub, (z, g, pe, energy), transition_key, prob
 
 
-def _combine(tree: Tree, sub: Subtree, imm: jax.Array) -> Tree:
-    """A finished subtree joined to the tree (``_combine_tree``, biased)."""
+def _combine(tree: Tree, sub: Subtree, imm: jax.Array, take: jax.Array) -> Tree:
+    """A finished subtree joined to the tree (``_combine_tree``, biased);
+    ``take``: the draw that moves the proposal into the subtree."""
     right = sub.going_right
     leaf = (sub.z, sub.r, sub.g)
     z_left, r_left, g_left = select(
@@ -230,10 +231,7 @@ def _combine(tree: Tree, sub: Subtree, imm: jax.Array) -> Tree:
         right, leaf, (tree.z_right, tree.r_right, tree.g_right)
     )
     r_sum = tree.r_sum + sub.r_sum
-    prob = jnp.clip(jnp.exp(sub.weight - tree.weight), None, 1.0)
-    prob = jnp.where(sub.turning | sub.diverging, 0.0, prob)
     turning = sub.turning | _is_turning(imm, r_left, r_right, r_sum)
-    take = random.bernoulli(sub.transition_key, prob)
     z_prop, g_prop, pe_prop, energy_prop = select(
         take,
         (sub.z_prop, sub.g_prop, sub.pe_prop, sub.energy_prop),
@@ -261,16 +259,28 @@ def advance(
     energy0: jax.Array,
     max_depth: int,
 ) -> tuple[Tree, Subtree, jax.Array, jax.Array]:
-    """Add one leaf: ``(tree, subtree, subtree done, tree done)``.
+    """Add one leaf: ``(tree with the subtree in, subtree, subtree done, tree
+    done)``.
 
-    When the subtree is done the returned tree has it combined in (and the
-    caller starts the next doubling or, when the tree is done too, finishes
-    the transition); otherwise the tree is unchanged.
+    The first is the tree once the subtree is done (the caller keeps ``tree``
+    otherwise, starts the next doubling, or when the tree is done too
+    finishes the transition). The two multinomial draws (leaf into subtree,
+    subtree into tree) share one call: their probabilities are independent.
     """
-    sub = _add_leaf(sub, value_and_grad, imm, step_size, energy0)
+    sub, leaf, leaf_key, leaf_prob = _add_leaf(
+        sub, value_and_grad, imm, step_size, energy0
+    )
+    prob = jnp.clip(jnp.exp(sub.weight - tree.weight), None, 1.0)
+    prob = jnp.where(sub.turning | sub.diverging, 0.0, prob)
+    keys = jnp.stack([leaf_key, sub.transition_key])
+    to_leaf, to_sub = jax.vmap(random.bernoulli)(keys, jnp.stack([leaf_prob, prob]))
+    proposal = (sub.z_prop, sub.g_prop, sub.pe_prop, sub.energy_prop)
+    z_prop, g_prop, pe_prop, energy_prop = select(to_leaf, leaf, proposal)
+    sub = sub._replace(
+        z_prop=z_prop, g_prop=g_prop, pe_prop=pe_prop, energy_prop=energy_prop
+    )
     full = sub.n_prop >= (1 << tree.depth).astype(sub.n_prop.dtype)
     sub_done = full | sub.turning | sub.diverging
-    combined = _combine(tree, sub, imm)
-    tree = select(sub_done, combined, tree)
-    grows = (tree.depth < max_depth) & ~tree.turning & ~tree.diverging
-    return tree, sub, sub_done, sub_done & ~grows
+    combined = _combine(tree, sub, imm, to_sub)
+    grows = (combined.depth < max_depth) & ~combined.turning & ~combined.diverging
+    return combined, sub, sub_done, sub_done & ~grows
