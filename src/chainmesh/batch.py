@@ -27,7 +27,7 @@ import numpy as np
 from chainmesh.arguments import is_data
 from chainmesh.mesh import ShardPlan, plan_shards, resolve_devices, shard_mesh
 from chainmesh.result import Result
-from chainmesh.sampler import Sampler
+from chainmesh.sampler import Sampler, check_lanes
 from chainmesh.validation import as_program_args
 
 
@@ -95,6 +95,7 @@ class BatchSampler(Sampler):
         )
         self.plan = self.shards.chains
         self.mesh = shard_mesh(self.shards)
+        check_lanes(self.config.lanes, self.plan.chains_per_device)
 
     def _keep(self) -> tuple[int, ...]:
         return (self.shards.num_shards, self.config.num_chains)

@@ -38,6 +38,7 @@ def program_key(
         c.init_strategy,
         c.chunk,
         c.inner,
+        c.lanes,
         c.kernel,
         c.adapt,
     )

@@ -17,7 +17,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=500, help="warmup per chain (500)")
     p.add_argument("--samples", type=int, default=1000, help="draws per chain (1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inner", choices=("vmap", "map"), default="vmap")
+    p.add_argument("--inner", choices=("vmap", "map", "async"), default="vmap")
+    p.add_argument("--lanes", type=int, default=None, help="async lanes per device")
     p.add_argument("--kernel", choices=("nuts", "chees"), default="nuts")
     p.add_argument("--adapt", choices=("chain", "ensemble"), default="chain")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -45,6 +46,7 @@ def demo(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         devices=args.devices,
         inner=args.inner,
+        lanes=args.lanes,
         kernel=args.kernel,
         adapt=args.adapt,
         progress_bar=not args.no_progress,

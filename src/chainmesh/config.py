@@ -21,7 +21,7 @@ INIT_STRATEGIES: dict[str, Callable[..., Any]] = {
     "init_to_uniform": init_to_uniform,
     "init_to_value": init_to_uniform,  # fallback for sites without a value
 }
-INNER_STRATEGIES = ("vmap", "map")
+INNER_STRATEGIES = ("vmap", "map", "async")
 KERNELS = ("nuts", "chees")
 ADAPTATIONS = ("chain", "ensemble")
 TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
@@ -54,7 +54,11 @@ class SamplerConfig:
         dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.
         init_strategy: Name of a NumPyro init strategy or an init function.
         chunk_size: Transitions (warmup) or draws (sampling) per compiled call.
-        inner: How a device runs its chains: "vmap" (lockstep) or "map".
+        inner: How a device runs its chains: "vmap" (lockstep), "map" (one
+            after another) or "async" (lanes of one vectorized loop, each
+            advancing its own NUTS tree one leapfrog step per iteration).
+        lanes: With ``inner="async"``: lanes per device (None: one per chain);
+            fewer lanes than chains hand chains to lanes as they finish.
         kernel: "nuts" (NumPyro's NUTS) or "chees" (ChEES-HMC, adapted from
             statistics pooled over every chain of the mesh).
         adapt: NUTS adaptation: "chain" (each chain alone, as NumPyro) or
@@ -85,6 +89,7 @@ class SamplerConfig:
     init_strategy: str | Callable[..., Any] = "init_to_median"
     chunk_size: int | None = None
     inner: str = "vmap"
+    lanes: int | None = None
     kernel: str = "nuts"
     adapt: str = "chain"
     progress_bar: bool = True
@@ -154,6 +159,13 @@ class SamplerConfig:
             raise ValueError(
                 f"inner must be one of {INNER_STRATEGIES}, got {self.inner!r}"
             )
+        if self.lanes is not None:
+            _check_int("lanes", self.lanes, 1, "or None for one lane per chain")
+            if self.inner != "async":
+                raise ValueError(
+                    f"lanes={self.lanes} needs inner='async' (got inner="
+                    f"{self.inner!r}); vmap and map run one lane per chain"
+                )
         self._check_ensemble()
 
     def _check_ensemble(self) -> None:

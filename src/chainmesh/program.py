@@ -199,13 +199,19 @@ def _block_chunk(
 
 
 def _chunk_fn(
-    model: Callable, kernel: Kernel, inner: str, size: int, sharded: bool
+    model: Callable,
+    kernel: Kernel,
+    inner: str,
+    size: int,
+    sharded: bool,
+    lanes: int | None = None,
 ) -> Callable:
     """The per-device chunk: the device's lanes under ``inner``.
 
     ``vmap``: every lane of the device (chains, or shards x chains) in one
     vectorized transition. ``map``: one chain after another (``lax.map``); on
     a shard mesh each chain's transition is still vectorized over shards.
+    ``async``: the kernel's own chunk loop (``lanes`` lanes per data set).
     """
 
     def chain_fns(args, kwargs):
@@ -232,7 +238,21 @@ def _chunk_fn(
             n_draws=n_draws,
             per_draw=per_draw,
         )
-        if kernel.block is not None:
+        if kernel.chunk is not None:
+            # Lane-asynchronous: the kernel runs the chunk loop itself.
+            def one_block(state, real, args, kwargs):
+                post = jax.vmap(postprocess_fn(model, args, kwargs))
+                return kernel.chunk(
+                    state, real, n_draws, per_draw, collect, size=size,
+                    post=post, args=args, kwargs=kwargs, lanes=lanes,
+                )  # fmt: skip
+
+            if sharded:  # one loop per data set, vmapped over the device's sets
+                s, d, e, c = jax.vmap(one_block)(state, real, args, kwargs)
+                c = c.sum(0)
+            else:
+                s, d, e, c = one_block(state, real, args, kwargs)
+        elif kernel.block is not None:
             # A block kernel (pooled adaptation) acts on the device's chains
             # at once, with collectives over the mesh's chain axis.
             if sharded:
@@ -271,8 +291,8 @@ def _chunk_fn(
             def one_chain(block):
                 return run(step, post, state=block[0], real=block[1], collect=collect)
 
-            lanes = jax.tree.map(partial(rearrange, pattern=to_chains), (state, real))
-            s, d, e, c = lax.map(one_chain, lanes)
+            chains = jax.tree.map(partial(rearrange, pattern=to_chains), (state, real))
+            s, d, e, c = lax.map(one_chain, chains)
             back = "c s ... -> s c ..." if sharded else "c 1 ... -> c ..."
             s = jax.tree.map(partial(rearrange, pattern=back), s)
             d, e = (jax.tree.map(partial(rearrange, pattern=back), t) for t in (d, e))
@@ -421,12 +441,13 @@ def chunk_program(
     size: int,
     mesh: Mesh,
     sharded: bool = False,
+    lanes: int | None = None,
 ) -> Any:
     """The jitted chunk program for ``(state, real, n_draws, per_draw, collect,
     args, kwargs)``; ``real`` marks the lanes that are not padding, the state
     argument is donated. With ``sharded``, state, ``real`` and data carry a
     leading shard axis and state and ``real`` a chain axis after it."""
-    fn, rep = _chunk_fn(model, kernel, inner, size, sharded), P()
+    fn, rep = _chunk_fn(model, kernel, inner, size, sharded, lanes), P()
     if not sharded:
         lanes = P(CHAIN)
         in_specs = (lanes, lanes, rep, rep, rep, rep, rep)

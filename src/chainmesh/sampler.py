@@ -55,7 +55,13 @@ class Sampler:
             call; None picks ``min(100, max(num_warmup, num_samples))``.
         inner: ``"vmap"`` (vectorized NUTS on a device's chains, lockstep) or
             ``"map"`` (``lax.map``: chains one after another, no lockstep,
-            smaller compile).
+            smaller compile) or ``"async"`` (lanes of one vectorized loop:
+            each chain's NUTS tree advances one leapfrog step per iteration
+            and a chain never waits for another's tree; ``docs/design.md``).
+        lanes: With ``inner="async"``, lanes per device; None: one per chain.
+            Fewer lanes than chains per device: a lane that finishes a
+            transition takes the next chain that is ready, so the device
+            stays busy until the work runs out. Draws do not depend on it.
         kernel: ``"nuts"`` (NumPyro's NUTS) or ``"chees"`` (ChEES-HMC: every
             chain runs the same trajectory length, adapted from statistics
             pooled over all chains of the mesh; ``docs/kernels.md``).
@@ -99,6 +105,7 @@ class Sampler:
         dense_mass: bool = False,
         chunk_size: int | None = None,
         inner: str = "vmap",
+        lanes: int | None = None,
         kernel: str = "nuts",
         adapt: str = "chain",
         progress_bar: bool = True,
@@ -124,6 +131,7 @@ class Sampler:
             init_strategy=init_strategy,
             chunk_size=chunk_size,
             inner=inner,
+            lanes=lanes,
             kernel=kernel,
             adapt=adapt,
             progress_bar=progress_bar,
@@ -142,6 +150,8 @@ class Sampler:
         self.info: ModelInfo | None = None  # the model's sites, after a run
         self.plan = plan_chains(num_chains, resolve_devices(devices))
         self.mesh = chain_mesh(self.plan)
+        if not self._batched:  # BatchSampler checks against its own plan
+            check_lanes(lanes, self.plan.chains_per_device)
 
     # Data sets on a leading axis (``BatchSampler``) set these three.
     _batched = False
@@ -272,6 +282,16 @@ class Sampler:
         if not self._batched:
             return data
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), data)
+
+
+def check_lanes(lanes: int | None, chains_per_device: int) -> None:
+    """Refuse more async lanes than a device has chains."""
+    if lanes is not None and lanes > chains_per_device:
+        raise ValueError(
+            f"lanes={lanes} is more than the {chains_per_device} chain(s) per "
+            "device; pass lanes <= chains per device, or None for one lane per "
+            "chain"
+        )
 
 
 def sample(

@@ -230,11 +230,11 @@ def _build(
                 config.chunk,
                 mesh,
                 sampler._batched,
+                config.lanes,
             )
             chunk = (jitted, (lanes, *scalars, *data))
-        program = init_program(
-            programs.kernel, strategy, config.inner, mesh, sampler._batched
-        )
+        inner = "vmap" if config.inner == "async" else config.inner
+        program = init_program(programs.kernel, strategy, inner, mesh, sampler._batched)
         try:
             return build(
                 programs,

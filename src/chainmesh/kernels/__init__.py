@@ -5,6 +5,9 @@ A kernel's state is a NamedTuple pytree, so it passes through ``jit``,
 run a kernel over a device's block of chains.
 
 - ``nuts``: NumPyro's NUTS with its windowed adaptation, per chain.
+- ``async_nuts`` / ``async_tree``: the same NUTS, lane-asynchronous: each
+  lane of a device's block advances its own tree one leapfrog step per
+  iteration (``inner="async"``).
 - ``pooled_nuts``: NUTS whose step size and mass matrix adapt from
   statistics pooled over every chain of the mesh (``adapt="ensemble"``).
 - ``chees`` / ``chees_chains``: ChEES-HMC over a block of chains, its
@@ -28,6 +31,11 @@ def build_kernel(model: Callable, config: SamplerConfig, info: ModelInfo) -> Ker
         from chainmesh.kernels.chees_chains import build_chees
 
         return build_chees(model, config, info)
+    if config.inner == "async":
+        from chainmesh.kernels.async_nuts import build_async
+
+        chunk = build_async(model, config, info).chunk
+        return build_nuts(model, config, info)._replace(chunk=chunk)
     if config.adapt == "ensemble":
         from chainmesh.kernels.pooled_nuts import build_pooled_nuts
 

@@ -35,9 +35,12 @@ class Kernel(NamedTuple):
             state)``, called inside ``shard_map``; ``real`` is False on
             padding lanes.
         fields: ``state -> {name: value}``, the ``EXTRA_FIELDS`` of a state.
+        chunk: None, or a kernel that runs a whole chunk on a device's block
+            itself (lane-asynchronous NUTS, ``async_nuts.AsyncNUTS.chunk``).
     """
 
     init: Callable[..., tuple[Any, jax.Array]]
     step: Callable[..., Any] | None
     block: Callable[..., Callable] | None = None
     fields: Callable[[Any], dict[str, jax.Array]] | None = None
+    chunk: Callable[..., tuple] | None = None
