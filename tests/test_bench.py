@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -196,7 +197,7 @@ def test_tiny_run_numbers_agree_with_each_other(tiny_run):
     ratios of the numbers they are made of."""
     _, results = tiny_run
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == set(bench.METHODS)
+    assert set(runs) == set(bench.DEFAULT_METHODS)
     for method, run in runs.items():
         assert run["status"] == "ok", (method, run.get("reason"))
         m = run["metrics"]
@@ -238,3 +239,21 @@ def test_tiny_run_warm_chainmesh_calls_compile_nothing(tiny_run):
             assert warm == 0, run["method"]
         elif run["method"] in NUMPYRO_METHODS:
             assert warm >= 1, run["method"]  # NumPyro recompiles on new data
+
+
+@pytest.mark.slow
+def test_ensemble_kernels_and_blackjax_measure_their_own_work():
+    """ChEES runs the same steps on every chain: executed = useful, and a
+    warm call compiles nothing, for chainmesh's ChEES and BlackJAX's."""
+    pytest.importorskip("blackjax")
+    from chainmesh.bench import worker
+
+    jax.monitoring.register_event_duration_secs_listener(worker._on_event)
+    job = {"model": "gaussian100", "devices": len(jax.devices()), "chains": 8}
+    job |= {"warmup": 60, "samples": 40, "seed": 0}
+    for method in ("chainmesh_chees", "blackjax_chees"):
+        m = worker.run_job(job | {"method": method})
+        assert m["leapfrog_executed"] == m["leapfrog_useful"] >= 8 * 40, method
+        assert m["lockstep_efficiency"] == 1.0
+        assert m["compilations_cold"] >= 2 and m["compilations_warm"] == 0, method
+        assert m["gradients_per_s"] > 0 and m["min_ess_bulk"] > 0

@@ -36,8 +36,13 @@ left one step per transition. These two constants are the best of that grid.
 """
 
 
-def run_blackjax_chees(job: dict) -> dict:
-    """Cold and warm calls of BlackJAX ChEES, with the chainmesh metrics."""
+def run_blackjax_chees(job: dict, worker: Any) -> dict:
+    """Cold and warm calls of BlackJAX ChEES, with the chainmesh metrics.
+
+    Args:
+        job: The benchmark job (model, chains, warmup, samples, seed).
+        worker: The running ``chainmesh.bench.worker`` module (its meters).
+    """
     import blackjax
     import optax
     from numpyro.infer import init_to_median
@@ -47,7 +52,6 @@ def run_blackjax_chees(job: dict) -> dict:
         potential_energy,
     )
 
-    from chainmesh.bench.worker import _call_metrics, _rates, draw_metrics, measure
     from chainmesh.model import postprocess_fn
 
     model = bench_data(job["model"], 0).model
@@ -124,20 +128,20 @@ def run_blackjax_chees(job: dict) -> dict:
         out = jax.device_get(sample(k_sample, states, eps, steps, args))
         return out, time.perf_counter() - t0
 
-    with measure() as cold:
+    with worker.measure() as cold:
         call(job["seed"], bench_data(job["model"], 0).args)
     args = bench_data(job["model"], 1).args
-    with measure() as warm_call:
+    with worker.measure() as warm_call:
         (draws, num_steps, diverging), sampling_s = call(job["seed"] + 1, args)
-    metrics = draw_metrics(draws, num_steps, diverging)
-    return _rates(
+    metrics = worker.draw_metrics(draws, num_steps, diverging)
+    return worker._rates(
         {
             "cold_wall_s": cold.wall_s,
             "compile_s": cold.compile_s,
             "compilations_cold": cold.compilations,
             "plan": f"{chains} chains vmapped on the default device",
             "sampling_source": "BlackJAX sampling program of a warm call",
-            **_call_metrics(warm_call, metrics),
+            **worker._call_metrics(warm_call, metrics),
             "leapfrog_executed": metrics["leapfrog_useful"],
             "sampling_s": sampling_s,
             "sampling_useful": int(np.sum(num_steps)),

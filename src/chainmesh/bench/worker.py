@@ -368,7 +368,10 @@ def run_job(job: dict) -> dict:
 def _blackjax_chees(job: dict) -> dict:
     from chainmesh.bench.peers import run_blackjax_chees
 
-    return run_blackjax_chees(job)
+    # This module, as it runs: under ``python -m`` it is ``__main__``, and an
+    # import of chainmesh.bench.worker would make a second copy whose
+    # compile counters the monitoring listener never updates.
+    return run_blackjax_chees(job, sys.modules[__name__])
 
 
 def _finite(tree: Any) -> Any:
