@@ -20,6 +20,8 @@ LABELS = {
     "chainmesh_chees": "chainmesh ChEES",
     "chainmesh_ensemble": "chainmesh NUTS, ensemble adapt",
     "blackjax_chees": "BlackJAX ChEES (1 device)",
+    "chainmesh_async": "chainmesh NUTS async",
+    "chainmesh_async16": "chainmesh NUTS async, 16 lanes",
 }
 
 COLUMNS = """\

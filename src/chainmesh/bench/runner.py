@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 
 from chainmesh.bench.host import environment, wait_for_quiet
 from chainmesh.bench.models import BENCH_MODELS
-from chainmesh.bench.worker import RESULT_PREFIX
+from chainmesh.bench.worker import ASYNC_LANES, RESULT_PREFIX
 from chainmesh.persistent import ENV_DIR as CACHE_ENV
 
 METHODS = (
@@ -41,6 +42,8 @@ METHODS = (
     "chainmesh_chees",
     "chainmesh_ensemble",
     "blackjax_chees",
+    "chainmesh_async",
+    "chainmesh_async16",
 )
 """Methods in table order (``raw_gradient`` is measured for every setting)."""
 
@@ -81,6 +84,9 @@ def not_applicable(method: str, devices: int, chains: int) -> str | None:
     """Why ``method`` does not run for this setting, or None if it does."""
     if method in ("chainmesh_1pd", "numpyro_parallel") and chains > devices:
         return f"one chain per device needs chains <= devices ({chains} > {devices})"
+    per_device = math.ceil(chains / devices)
+    if method == "chainmesh_async16" and per_device < ASYNC_LANES:
+        return f"{ASYNC_LANES} lanes need as many chains per device ({per_device})"
     return None
 
 

@@ -47,6 +47,8 @@ _COMPILE_EVENTS = (
     "/jax/core/compile/backend_compile_duration",
 )
 _TOTALS = {"compilations": 0, "compile_s": 0.0}
+ASYNC_LANES = 16
+"""Lanes per device of the ``chainmesh_async16`` method."""
 MIN_TIMED_S = 0.2
 """A timed sampling phase shorter than this is redone with more draws."""
 
@@ -198,6 +200,7 @@ def run_chainmesh(job: dict, devices: int, inner: str, **options: Any) -> dict:
             "sampling_source": "chainmesh sampling phase of a warm call",
             **_call_metrics(warm, draws),
             "leapfrog_executed": stats["lockstep_steps"],
+            "lockstep_bound": stats["lockstep_bound"],
             "sampling_s": timed["sampling_s"],
             "sampling_useful": timed["leapfrog_steps"],
         }
@@ -353,6 +356,10 @@ def run_job(job: dict) -> dict:
             job, job["devices"], "vmap", adapt="ensemble"
         ),
         "blackjax_chees": lambda: _blackjax_chees(job),
+        "chainmesh_async": lambda: run_chainmesh(job, job["devices"], "async"),
+        "chainmesh_async16": lambda: run_chainmesh(
+            job, job["devices"], "async", lanes=ASYNC_LANES
+        ),
         "device_loop": lambda: run_numpyro(job, loop_units(job["chains"], devices)),
         "raw_gradient": lambda: raw_gradient_rate(job["model"], job["chains"], devices),
     }
