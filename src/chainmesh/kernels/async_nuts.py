@@ -7,7 +7,9 @@ gradient). A lane carries its own trajectory (``async_tree``); when its tree
 is done it finishes the transition on its own (adaptation, counters, its
 draw) and starts the next one at the next iteration. It is NumPyro's NUTS
 transition for transition: the same keys, splits and updates as
-``sample_kernel``, so chain ``i`` draws what it would draw alone.
+``sample_kernel``, so chain ``i``'s draws depend on its own state only (they
+equal those of ``vmap(sample_kernel)`` to the last bit on CPU; the vectorized
+gradient rounds differently from an unbatched one).
 
 With fewer lanes than chains, a lane that finishes a transition hands its
 chain back and takes the ready chain with the fewest transitions done in the
@@ -166,16 +168,12 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         tree = at.new_tree(state.z, r, state.z_grad, state.potential_energy, energy0)
         return next_key, energy0, tree, key
 
-    def finish(lane: Lane, tree: at.Tree, adapt: Callable) -> HMCState:
-        """``sample_kernel`` after ``build_tree``: the chain's next flat state.
-
-        ``adapt`` is NumPyro's ``wa_update`` (or, when no lane adapts, a
-        function returning the adaptation state unchanged).
-        """
+    def finish(lane: Lane, tree: at.Tree, adapted: Any) -> HMCState:
+        """``sample_kernel`` after ``build_tree``: the chain's next flat state
+        (``adapted``: the adaptation state ``wa_update`` returns)."""
         s = lane.state
         accept_prob = tree.sum_accept / tree.n_prop
         warm = s.i < num_warmup
-        adapted = adapt(s.i, accept_prob, tree.z_prop, tree.pe_prop, s.adapt_state)
         itr = s.i + 1
         n = jnp.where(warm, itr, itr - num_warmup)
         mean = s.mean_accept_prob + (accept_prob - s.mean_accept_prob) / n
@@ -242,6 +240,8 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         """
         from chainmesh.program import _add_wide
 
+        if lanes is not None and lanes < 1:
+            raise ValueError(f"lanes must be None or >= 1, got {lanes}")
         num_chains = real.shape[0]
         width = num_chains if lanes is None else min(lanes, num_chains)
         potential = gen(*args, **kwargs)
@@ -257,25 +257,22 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
         lane_step = jax.vmap(partial(step, value_and_grad=value_and_grad))
         lane_restart = jax.vmap(restart)
 
-        def adapt(i, accept_prob, z, pe, adapt_state):
-            z_info = IntegratorState(unravel(z), None, pe, None)
-            return wa_update(i, accept_prob, z_info, adapt_state)
+        def adapt(state: HMCState, tree: at.Tree) -> Any:
+            accept_prob = tree.sum_accept / tree.n_prop
+            z_info = IntegratorState(unravel(tree.z_prop), None, tree.pe_prop, None)
+            return wa_update(state.i, accept_prob, z_info, state.adapt_state)
 
-        def keep(i, accept_prob, z, pe, adapt_state):
-            return adapt_state
-
-        def lane_finish(lanes_, combined):
-            """Every lane's would-be next state. Past warmup (no lane adapts:
-            the block's phase, not a lane's transition) adaptation is skipped.
-            """
-            warm = jnp.any(lanes_.state.i < num_warmup)
-            return lax.cond(
-                warm,
-                lambda: jax.vmap(partial(finish, adapt=adapt))(lanes_, combined),
-                lambda: jax.vmap(partial(finish, adapt=keep))(lanes_, combined),
+        def lane_finish(lanes_: Lane, combined: at.Tree) -> HMCState:
+            """Every lane's would-be next state. Past warmup (the phase of the
+            block, not a lane's transition) the adaptation is not computed."""
+            adapted = lax.cond(
+                jnp.any(lanes_.state.i < num_warmup),
+                lambda: jax.vmap(adapt)(lanes_.state, combined),
+                lambda: lanes_.state.adapt_state,
             )
+            return jax.vmap(finish)(lanes_, combined, adapted)
 
-        owed = (n_draws * per_draw).astype(jnp.int32)
+        owed = jnp.asarray(n_draws * per_draw, jnp.int32)
         none = jnp.int32(num_chains)
 
         def assign(pool, chain, free, done):
