@@ -37,10 +37,12 @@ def test_two_processes_match_one_process(tmp_path):
             np.testing.assert_array_equal(z[f"samples.{name}"], x)
         for name, x in local.extra.items():
             np.testing.assert_array_equal(z[f"extra.{name}"], x)
-        # Pooled adaptation over 2 processes: bitwise equal to 1 process.
+        # Pooled adaptation and async lanes over 2 processes: bitwise equal
+        # to 1 process.
         for kernel, options in {
             "chees": {"kernel": "chees"},
             "ensemble": {"adapt": "ensemble"},
+            "async": {"inner": "async", "lanes": 1},
         }.items():
             one = cm.Sampler(
                 linreg, num_chains=8, devices=4, num_warmup=100, num_samples=100,

@@ -16,7 +16,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from models import linreg, linreg_data  # noqa: E402
 
-ENSEMBLE = {"chees": {"kernel": "chees"}, "ensemble": {"adapt": "ensemble"}}
+OTHERS = {
+    "chees": {"kernel": "chees"},
+    "ensemble": {"adapt": "ensemble"},
+    "async": {"inner": "async", "lanes": 1},
+}
 
 from chainmesh.mesh import plan_chains  # noqa: E402
 
@@ -34,10 +38,10 @@ if cm.distributed.is_main_process():
     np.testing.assert_array_equal(kept.samples["beta"], result.samples["beta"])
 else:
     assert kept.samples == {} and kept.extra == {}
-# Ensemble kernels pool over the chains of both processes.
-pooled = {
+# Ensemble kernels pool over the chains of both processes; async lanes.
+others = {
     name: cm.Sampler(linreg, progress_bar=False, **options, **config).run(0, X, y)
-    for name, options in ENSEMBLE.items()
+    for name, options in OTHERS.items()
 }
 if cm.distributed.is_main_process():
     np.savez(
@@ -48,7 +52,7 @@ if cm.distributed.is_main_process():
         **{f"extra.{k}": v for k, v in result.extra.items()},
         **{
             f"{name}.{group}.{k}": v
-            for name, r in pooled.items()
+            for name, r in others.items()
             for group in ("samples", "extra")
             for k, v in getattr(r, group).items()
         },
