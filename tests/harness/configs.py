@@ -15,6 +15,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nuts-map": {"inner": "map"},
     "nuts-ensemble": {"adapt": "ensemble"},
     "chees": {"kernel": "chees"},
+    "nuts-async": {"inner": "async"},
+    # One lane for every two chains: lanes hand chains over as they finish.
+    "nuts-async-lanes": {"inner": "async", "lanes": 1, "devices": 2},
 }
 
 UNSUPPORTED: dict[str, tuple[str, ...]] = {
@@ -24,7 +27,14 @@ UNSUPPORTED: dict[str, tuple[str, ...]] = {
 
 
 def options(config: str, model_options: dict[str, Any]) -> dict[str, Any]:
-    """The Sampler options of ``config`` for a model with ``model_options``."""
+    """The Sampler options of ``config`` for a model with ``model_options``
+    (``devices`` apart: see ``devices``)."""
     dropped = UNSUPPORTED.get(config, ())
     kept = {k: v for k, v in model_options.items() if k not in dropped}
-    return {**CONFIGS[config], **kept}
+    own = {k: v for k, v in CONFIGS[config].items() if k != "devices"}
+    return {**own, **kept}
+
+
+def devices(config: str, default: int) -> int:
+    """Devices ``config`` runs on: its own ``devices``, else ``default``."""
+    return CONFIGS[config].get("devices", default)

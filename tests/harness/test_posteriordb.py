@@ -17,7 +17,7 @@ import pytest
 
 import chainmesh as cm
 
-from .configs import CONFIGS, options
+from .configs import CONFIGS, devices, options
 from .models import POSTERIORS, Posterior
 
 NUM_CHAINS = 4
@@ -81,7 +81,7 @@ def test_matches_reference(config: str, name: str) -> None:
             num_chains=NUM_CHAINS,
             num_warmup=NUM_WARMUP,
             num_samples=NUM_SAMPLES,
-            devices=NUM_CHAINS,
+            devices=devices(config, NUM_CHAINS),
             progress_bar=False,
             **options(config, posterior.sampler_kwargs),
         )
