@@ -164,6 +164,20 @@ def test_report_ratios_compare_with_the_best_numpyro_method():
     assert all(line.count("|") == table[0].count("|") for line in table)
 
 
+def test_the_plot_has_a_colour_for_every_method(tmp_path):
+    pytest.importorskip("matplotlib")
+    from chainmesh.bench.report import plot
+
+    results = {
+        "config": {"model": "m", "devices": [2], "chains": [8], "warmup": 1}
+        | {"samples": 1, "single_thread": True},
+        "raw_gradient": [],
+        "runs": [_fake_run(m, warm=1.0, ess_per_s=1.0) for m in bench.METHODS],
+    }
+    png = plot(results, tmp_path / "scaling.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One tiny sweep of every method (about a minute and a half on 2 cores)."""

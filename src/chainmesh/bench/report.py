@@ -278,8 +278,8 @@ def plot(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(
         len(chains_list), 2, figsize=(11, 3.8 * len(chains_list)), squeeze=False
     )
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = dict(zip(LABELS, palette, strict=False))  # one colour per method
+    palette = plt.get_cmap("tab20").colors  # one colour per method, 20 of them
+    colors = dict(zip(LABELS, palette, strict=False))
     for row, chains in zip(axes, chains_list, strict=True):
         for method, label in LABELS.items():
             runs = sorted(
