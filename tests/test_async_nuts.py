@@ -19,11 +19,11 @@ import pytest
 from numpyro.infer import init_to_uniform
 
 from chainmesh.config import SamplerConfig
+from chainmesh.counters import LOW_BITS
 from chainmesh.examples import eight_schools_data
 from chainmesh.kernels.async_nuts import ASYNC_COUNTERS, build_async
 from chainmesh.kernels.nuts import build_nuts, extra_fields
 from chainmesh.model import inspect_model, prepared
-from chainmesh.program import LOW_BITS
 
 CHAINS = 8
 FIELDS = ("potential_energy", "num_steps", "accept_prob", "diverging", "step_size")

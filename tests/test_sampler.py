@@ -9,9 +9,9 @@ import pytest
 from models import linreg, linreg_data, normal_mean, normal_mean_posterior, scale_model
 
 import chainmesh as cm
+from chainmesh.counters import COUNTERS, _add_wide, wide_total
 from chainmesh.kernels.nuts import EXTRA_FIELDS
 from chainmesh.placement import device_blocks
-from chainmesh.program import COUNTERS, _add_wide, wide_total
 
 Y = np.random.default_rng(1).normal(2.0, 1.0, size=25).astype(np.float32)
 FAST = {"num_warmup": 150, "num_samples": 100, "progress_bar": False}

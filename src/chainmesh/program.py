@@ -12,59 +12,32 @@ sampling chunks, thinning and a short last chunk all reuse one executable.
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
-from chainmesh import persistent
+from chainmesh.counters import COUNTERS, LOW_BITS, _add_wide, wide_total
 from chainmesh.kernels.base import Kernel
 from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
-from chainmesh.model import ModelInfo, postprocess_fn
+from chainmesh.model import postprocess_fn
 
-COUNTERS = ("leapfrog_steps", "lockstep_steps", "divergences", "bound_steps")
-"""Per-device counters a chunk returns, summed over every transition it ran.
-
-``leapfrog_steps`` and ``divergences`` count real chains only (padding chains
-and padding shards are masked out); ``lockstep_steps`` is what the device paid:
-lanes x the longest trajectory of the block, per transition (``vmap``), or
-lanes x the iterations of the asynchronous loop (``async``). ``bound_steps``
-is what the best schedule of this chunk's work over the device's lanes would
-pay, per chunk: lanes x the largest total of one chain (with more chains than
-lanes, at least their sum spread evenly): no schedule that keeps each chain's
-transitions in order can finish sooner.
-"""
-
-LOW_BITS = 20
-"""Counters are exact int64 totals kept as two int32 words: ``hi * 2**20 + lo``."""
-
-
-def wide_total(words: Any) -> list[int]:
-    """Host side: ``(..., len(COUNTERS), 2)`` words -> exact Python int totals."""
-    words = np.asarray(words, dtype=np.int64).reshape(-1, len(COUNTERS), 2).sum(0)
-    return [int(hi) * (1 << LOW_BITS) + int(lo) for lo, hi in words]
-
-
-def _add_wide(acc: jax.Array, x: jax.Array) -> jax.Array:
-    """Add int32 ``x`` (one per counter) to the two-word counters ``acc``.
-
-    Int32 alone overflows on large runs (4096 chains x 1023 steps x 100
-    draws); the low word carries into the high one after every transition.
-    """
-    lo = acc[:, 0] + x
-    return jnp.stack([lo & ((1 << LOW_BITS) - 1), acc[:, 1] + (lo >> LOW_BITS)], -1)
+__all__ = [
+    "COUNTERS",
+    "LOW_BITS",
+    "ChunkOut",
+    "chunk_program",
+    "init_program",
+    "wide_total",
+]
 
 
 class ChunkOut(NamedTuple):
@@ -82,56 +55,6 @@ class ChunkOut(NamedTuple):
     draws: dict[str, jax.Array]
     extra: dict[str, jax.Array]
     counters: jax.Array
-
-
-@dataclasses.dataclass
-class Programs:
-    """Compiled executables and model facts for one cache key.
-
-    A cold run lowers both programs, then compiles them side by side.
-    """
-
-    info: ModelInfo
-    kernel: Kernel
-    inits: dict[Any, Callable[..., tuple[HMCState, jax.Array]]] = dataclasses.field(
-        default_factory=dict
-    )
-    chunk: Callable[..., ChunkOut] | None = None
-    state: Any = None  # the placed abstract state, once an init was lowered
-
-
-def build(
-    programs: Programs,
-    init: tuple[Any, tuple, Any],
-    chunk: tuple[Any, tuple] | None,
-    mesh: Mesh,
-    sharded: bool,
-    stages: dict[str, float] | None = None,
-) -> int:
-    """Lower what ``programs`` lacks, compile it side by side; programs built.
-
-    Args:
-        init: ``(jitted init program, its arguments, key in programs.inits)``.
-        chunk: ``(jitted chunk program, its arguments after the state)``, or
-            None when ``programs.chunk`` exists.
-    """
-    todo: list[tuple[str, Any]] = []
-    program, init_args, key = init
-    if key not in programs.inits:
-        lowered = lower(program, init_args, stages)
-        programs.state = abstract_state(lowered, mesh, sharded)
-        todo.append((key, lowered))
-    if chunk is not None and programs.chunk is None:
-        program, rest = chunk
-        todo.append(("chunk", lower(program, (programs.state, *rest), stages)))
-    for (name, _), compiled in zip(
-        todo, compile_all([x for _, x in todo], stages), strict=True
-    ):
-        if name == "chunk":
-            programs.chunk = compiled
-        else:
-            programs.inits[name] = compiled
-    return len(todo)
 
 
 def _write(buffers: Any, j: jax.Array, values: Any) -> Any:
@@ -347,60 +270,6 @@ def _over_shards(fn: Callable, batched: tuple[bool, ...]) -> Callable:
     others (scalars, chain ids) are shared by every shard.
     """
     return jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
-
-
-STAGES = ("trace_s", "lower_s", "xla_s")
-"""Where building programs spends its time: tracing the Python functions to a
-jaxpr, lowering it to StableHLO, and XLA's compilation (or a load from the disk
-cache; wall time, with the programs of one run compiled concurrently)."""
-
-
-def _add(stages: dict[str, float] | None, name: str, seconds: float) -> None:
-    if stages is not None:
-        stages[name] = stages.get(name, 0.0) + seconds
-
-
-def lower(program: Any, args: tuple, stages: dict[str, float] | None = None) -> Any:
-    """``program.trace(*args).lower()``, adding each stage's seconds."""
-    t0 = time.perf_counter()
-    traced = program.trace(*args)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    _add(stages, "trace_s", t1 - t0)
-    _add(stages, "lower_s", time.perf_counter() - t1)
-    return lowered
-
-
-def compile_all(lowered: list[Any], stages: dict[str, float] | None = None) -> list:
-    """XLA-compile several lowered programs at once (XLA releases the GIL).
-
-    A cold run builds an init and a chunk program; compiled side by side they
-    cost the longer of the two instead of the sum (on two or more cores).
-    """
-    if not lowered:
-        return []
-    t0 = time.perf_counter()
-    if len(lowered) == 1:
-        out = [lowered[0].compile()]
-    else:
-
-        def compile_one(x: Any) -> Any:
-            with persistent.inherit():
-                return x.compile()
-
-        with ThreadPoolExecutor(len(lowered)) as pool:
-            out = list(pool.map(compile_one, lowered))
-    _add(stages, "xla_s", time.perf_counter() - t0)
-    return out
-
-
-def abstract_state(lowered_init: Any, mesh: Mesh, sharded: bool) -> Any:
-    """The state the init program returns, as placed abstract values."""
-    lanes = NamedSharding(mesh, P(SHARD, CHAIN) if sharded else P(CHAIN))
-    state = lowered_init.out_info[0]
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=lanes), state
-    )
 
 
 def init_program(

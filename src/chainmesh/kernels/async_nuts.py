@@ -30,6 +30,7 @@ from numpyro.infer.hmc import HMCState
 from numpyro.infer.hmc_util import IntegratorState, warmup_adapter
 
 from chainmesh.config import SamplerConfig
+from chainmesh.counters import LOW_BITS, _add_wide
 from chainmesh.kernels import async_tree as at
 from chainmesh.kernels.nuts import extra_fields
 from chainmesh.model import ModelInfo, potential_fn_gen
@@ -238,8 +239,6 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
             ``(state, draws, extra, counts)``: draws and extra ``(C, size,
             ...)``, counts ``(len(ASYNC_COUNTERS), 2)`` words.
         """
-        from chainmesh.program import _add_wide
-
         if lanes is not None and lanes < 1:
             raise ValueError(f"lanes must be None or >= 1, got {lanes}")
         num_chains = real.shape[0]
@@ -386,8 +385,6 @@ def _bound_words(steps: jax.Array, width: int) -> jax.Array:
     Exact in int32 for any ``width < 2**20``: the product is built from
     10-bit pieces so no partial product overflows.
     """
-    from chainmesh.program import LOW_BITS
-
     mask = (1 << LOW_BITS) - 1
     q, r = steps // width, steps % width
     v = jnp.maximum(q.sum() + (r.sum() + width - 1) // width, steps.max())
