@@ -2,6 +2,7 @@
 
 Usage: python scripts/warmup_study.py [--model eight_schools] [--chains 64]
        [--devices 2] [--samples 500] [--warmups 100,200,500] [--seeds 3]
+       [--kernels chees,"nuts (chain)","nuts (ensemble)"]
        [--out docs/benchmarks/warmup_eight_schools.json]
 
 For each kernel (ChEES, NUTS with per-chain adaptation, NUTS with ensemble
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--warmups", default="100,200,500")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--kernels", default=",".join(KERNELS), help="subset of KERNELS")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     os.environ["XLA_FLAGS"] = (
@@ -46,7 +48,10 @@ def main() -> None:
 
     example = bench_data(a.model, 0)
     rows = []
+    chosen = a.kernels.split(",")
     for name, options in KERNELS.items():
+        if name not in chosen:
+            continue
         for warmup in map(int, a.warmups.split(",")):
             runs = []
             for seed in range(a.seeds):
