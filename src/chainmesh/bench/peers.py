@@ -90,17 +90,22 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
             num_steps=warmup,
             max_sampling_steps=samples,
         )
-        # The adapted length in steps: what integration_steps_fn closes over.
-        steps_for_one = params["integration_steps_fn"]
-        adjusted = jax.vmap(steps_for_one)(jnp.arange(2**bits))
-        return states, params["step_size"], adjusted
+        # The adapted length in steps, per jitter index: BlackJAX 1.2 closes
+        # it over integration_steps_fn, 1.7 passes integration_steps_params.
+        steps_fn = params["integration_steps_fn"]
+        extra = params.get("integration_steps_params", ())
+        adjusted = jax.vmap(lambda i: steps_fn(i, *extra))(jnp.arange(2**bits))
+        inverse_mass = jnp.broadcast_to(
+            jnp.asarray(params["inverse_mass_matrix"]), (_size(positions),)
+        )
+        return states, params["step_size"], adjusted, inverse_mass
 
     @jax.jit
-    def sample(key: jax.Array, states: Any, step_size: Any, steps: Any, args: tuple):
+    def sample(key, states, step_size, steps, inverse_mass, args: tuple):
         kernel = blackjax.dynamic_hmc(
             partial(logdensity, args),
             step_size=step_size,
-            inverse_mass_matrix=jnp.ones(_size(states.position)),
+            inverse_mass_matrix=inverse_mass,
             next_random_arg_fn=lambda i: i + 1,
             integration_steps_fn=lambda i: steps[i],
         )
@@ -122,10 +127,10 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
     def call(seed: int, args: tuple) -> tuple:
         key = jax.random.key(seed)
         k_init, k_warm, k_sample = jax.random.split(key, 3)
-        states, eps, steps = warm(k_warm, init(k_init, args), args)
+        states, eps, steps, inverse_mass = warm(k_warm, init(k_init, args), args)
         jax.block_until_ready(states)
         t0 = time.perf_counter()
-        out = jax.device_get(sample(k_sample, states, eps, steps, args))
+        out = jax.device_get(sample(k_sample, states, eps, steps, inverse_mass, args))
         return out, time.perf_counter() - t0
 
     with worker.measure() as cold:
