@@ -25,8 +25,9 @@ INITIAL_STEP_SIZE = 0.1
 LEARNING_RATE = 0.1
 """Adam's learning rate on the log trajectory length.
 
-BlackJAX starts the trajectory length at the initial step size (one leapfrog
-step) and leaves divergent chains out of the harmonic mean acceptance. Tried
+BlackJAX 1.2.5 starts the trajectory length at the initial step size (one
+leapfrog step) and leaves divergent chains out of the harmonic mean
+acceptance (1.7.1 floors the length and no longer gets stuck). Tried
 on eight schools (16 chains, 500 warmup) with initial step sizes 0.1, 0.5 and
 1.0 and rates 0.025, 0.05 and 0.1, only 0.1 / 0.1 grew the length past one
 step (5 steps per transition; step size 0.40); the others ended at 1 step,
