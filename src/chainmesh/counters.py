@@ -39,3 +39,19 @@ def _add_wide(acc: jax.Array, x: jax.Array) -> jax.Array:
     """
     lo = acc[:, 0] + x
     return jnp.stack([lo & ((1 << LOW_BITS) - 1), acc[:, 1] + (lo >> LOW_BITS)], -1)
+
+
+def bound_words(steps: jax.Array, width: int) -> jax.Array:
+    """``width x max(ceil(sum(steps) / width), max(steps))`` as two words.
+
+    Exact in int32 for any ``width < 2**20``: the product is built from
+    10-bit pieces so no partial product overflows.
+    """
+    mask = (1 << LOW_BITS) - 1
+    q, r = steps // width, steps % width
+    v = jnp.maximum(q.sum() + (r.sum() + width - 1) // width, steps.max())
+    lo_v, hi_v = v & mask, v >> LOW_BITS
+    a, b = lo_v >> 10, lo_v & 1023
+    lo = b * width + ((a * width) & 1023) * 1024
+    hi = hi_v * width + ((a * width) >> 10)
+    return jnp.stack([lo & mask, hi + (lo >> LOW_BITS)]).astype(jnp.int32)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
-from chainmesh.counters import COUNTERS, LOW_BITS, _add_wide, wide_total
+from chainmesh.counters import COUNTERS, LOW_BITS, _add_wide, bound_words, wide_total
 from chainmesh.kernels.base import Kernel
 from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
@@ -101,9 +101,7 @@ def _block_chunk(
         steps = s.num_steps.astype(jnp.int32)
         used = jnp.where(real, steps, 0).sum()
         diverged = jnp.logical_and(real, s.diverging).sum()
-        # The bound grows with the longest chain's total in this chunk.
-        grown = (jnp.max(totals + steps) - jnp.max(totals)) * lanes
-        per_step = jnp.stack([used, steps.max() * lanes, diverged, grown])
+        per_step = jnp.stack([used, steps.max() * lanes, diverged])
         counts = _add_wide(counts, per_step.astype(jnp.int32))
         return s, counts, totals + steps
 
@@ -114,9 +112,11 @@ def _block_chunk(
         d = lax.cond(collect, lambda d: _write(d, j, post(s.z)), lambda d: d, d)
         return s, d, e, counts, totals
 
-    counts = jnp.zeros((len(COUNTERS), 2), jnp.int32)
+    counts = jnp.zeros((len(COUNTERS) - 1, 2), jnp.int32)
     carry = (state, draws, extra, counts, jnp.zeros(real.shape, jnp.int32))
-    state, draws, extra, counts, _ = lax.fori_loop(0, n_draws, one_draw, carry)
+    state, draws, extra, counts, totals = lax.fori_loop(0, n_draws, one_draw, carry)
+    # The bound: lanes x the longest lane's total in this chunk.
+    counts = jnp.concatenate([counts, bound_words(totals.ravel(), lanes)[None]])
     lead = real.ndim
     return state, _draw_axis_last(draws, lead), _draw_axis_last(extra, lead), counts
 

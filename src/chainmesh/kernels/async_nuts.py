@@ -30,7 +30,7 @@ from numpyro.infer.hmc import HMCState
 from numpyro.infer.hmc_util import IntegratorState, warmup_adapter
 
 from chainmesh.config import SamplerConfig
-from chainmesh.counters import LOW_BITS, _add_wide
+from chainmesh.counters import _add_wide, bound_words
 from chainmesh.kernels import async_tree as at
 from chainmesh.kernels.nuts import extra_fields
 from chainmesh.model import ModelInfo, potential_fn_gen
@@ -371,25 +371,9 @@ def build_async(model: Callable, config: SamplerConfig, info: ModelInfo) -> Asyn
             lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
             out.z,
         )
-        counts = jnp.concatenate([out.counts, _bound_words(out.steps, width)[None]])
+        counts = jnp.concatenate([out.counts, bound_words(out.steps, width)[None]])
         final = out.lanes.state if out.pool is None else out.pool
         final = jax.vmap(partial(_sites_state, unravel=unravel))(final)
         return final, draws, out.extra, counts
 
     return AsyncNUTS(chunk=chunk)
-
-
-def _bound_words(steps: jax.Array, width: int) -> jax.Array:
-    """``width x max(ceil(sum(steps) / width), max(steps))`` as two words.
-
-    Exact in int32 for any ``width < 2**20``: the product is built from
-    10-bit pieces so no partial product overflows.
-    """
-    mask = (1 << LOW_BITS) - 1
-    q, r = steps // width, steps % width
-    v = jnp.maximum(q.sum() + (r.sum() + width - 1) // width, steps.max())
-    lo_v, hi_v = v & mask, v >> LOW_BITS
-    a, b = lo_v >> 10, lo_v & 1023
-    lo = b * width + ((a * width) & 1023) * 1024
-    hi = hi_v * width + ((a * width) >> 10)
-    return jnp.stack([lo & mask, hi + (lo >> LOW_BITS)]).astype(jnp.int32)

@@ -30,8 +30,10 @@ from chainmesh.kernels import hmc
 from chainmesh.kernels.ensemble import (
     AxisName,
     Welford,
+    first_lane,
     mass_schedule,
     pooled_sum,
+    replicate,
     welford_batch,
     welford_init,
     welford_merge,
@@ -134,18 +136,10 @@ def halton(i: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     return (digits * 0.5 ** (bits + 1.0)).sum().astype(dtype)
 
 
-def _first_lane(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x[0], tree)
-
-
 def _flat(tree: Any) -> tuple[jax.Array, Callable]:
     """Lane pytree -> ``(lanes, d)`` matrix, and the unravel of one lane."""
-    _, unravel = ravel_pytree(_first_lane(tree))
+    _, unravel = ravel_pytree(first_lane(tree))
     return jax.vmap(lambda t: ravel_pytree(t)[0])(tree), unravel
-
-
-def _replicate(tree: Any, lanes: int) -> Any:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (lanes, *jnp.shape(x))), tree)
 
 
 def init(
@@ -165,11 +159,28 @@ def init(
     potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
     flat, _ = _flat(positions)
     lanes, dim = flat.shape
-    dtype = flat.dtype
+    adapt = init_adapt(dim, flat.dtype, step_size, trajectory_length)
+    return ChEESState(positions, potential, grad, replicate(adapt, lanes))
+
+
+def init_adapt(
+    dim: int,
+    dtype: Any,
+    step_size: Any = 1.0,
+    trajectory_length: float = RESTART_LENGTH,
+) -> ChEESAdaptState:
+    """The shared adaptation state before the first transition (one copy).
+
+    Args:
+        dim: Coordinates of one chain's flat position.
+        dtype: Floating dtype of the positions.
+        step_size: Initial step size.
+        trajectory_length: Initial trajectory length.
+    """
     log_eps = jnp.log(jnp.asarray(step_size, dtype))
     log_t = jnp.log(jnp.asarray(trajectory_length, dtype))
     zero = jnp.zeros((), dtype)
-    adapt = ChEESAdaptState(
+    return ChEESAdaptState(
         step=jnp.zeros((), jnp.int32),
         log_step_size=log_eps,
         log_step_size_avg=log_eps,
@@ -183,7 +194,6 @@ def init(
         inv_mass=jnp.ones(dim, dtype),
         welford=welford_init(dim, dtype),
     )
-    return ChEESState(positions, potential, grad, _replicate(adapt, lanes))
 
 
 def build_step(
@@ -230,7 +240,7 @@ def build_step(
     def step(
         keys: jax.Array, state: ChEESState, real: jax.Array
     ) -> tuple[ChEESState, ChEESInfo]:
-        a = _first_lane(state.adapt)
+        a = first_lane(state.adapt)
         x0, unravel = _flat(state.position)
         lanes, dtype = x0.shape[0], x0.dtype
 
@@ -257,7 +267,7 @@ def build_step(
             jax.vmap(unravel)(moved.x),
             moved.potential_energy,
             jax.vmap(unravel)(moved.grad),
-            _replicate(a, lanes),
+            replicate(a, lanes),
         )
         info = ChEESInfo(
             accept_prob=moved.accept_prob,

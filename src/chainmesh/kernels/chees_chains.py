@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import chees
@@ -67,9 +68,8 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
 
     def init(key: jax.Array, strategy: Any, args: tuple, kwargs: dict):
         state, valid = nuts.init(key, strategy, args, kwargs)
-        one = jax.tree.map(lambda x: x[None], state.z)
-        potential = potential_fn_gen(model, enum)(*args, **kwargs)
-        adapt = chees.init(one, potential, step_size=state.adapt_state.step_size)
+        flat, _ = ravel_pytree(state.z)
+        adapt = chees.init_adapt(flat.size, flat.dtype, state.adapt_state.step_size)
         zero = jnp.zeros_like(state.accept_prob)
         chain = ChEESChain(
             i=state.i,
@@ -82,7 +82,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             diverging=jnp.array(False),
             step_size=state.adapt_state.step_size,
             rng_key=state.rng_key,
-            adapt=jax.tree.map(lambda x: x[0], adapt.adapt),
+            adapt=adapt,
         )
         return chain, valid
 

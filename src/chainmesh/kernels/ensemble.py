@@ -22,6 +22,16 @@ AxisName = str | tuple[str, ...] | None
 """Mesh axes to pool over (inside ``shard_map``); None pools the local block."""
 
 
+def first_lane(tree: Any) -> Any:
+    """Lane 0's copy of a state replicated on every lane."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def replicate(tree: Any, lanes: int) -> Any:
+    """A copy of ``tree`` on every one of ``lanes`` lanes (leading axis)."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (lanes, *jnp.shape(x))), tree)
+
+
 def pooled_sum(
     tree: Any, real: jax.Array, axis_name: AxisName, reproducible: bool = False
 ) -> Any:

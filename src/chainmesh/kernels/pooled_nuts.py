@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +37,12 @@ from numpyro.infer.hmc_util import (
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels.base import Kernel
-from chainmesh.kernels.ensemble import mass_schedule, pooled_sum
+from chainmesh.kernels.ensemble import (
+    first_lane,
+    mass_schedule,
+    pooled_sum,
+    replicate,
+)
 from chainmesh.kernels.nuts import build_nuts, extra_fields
 from chainmesh.model import ModelInfo
 
@@ -81,7 +85,7 @@ def build_pooled_nuts(
 
         def update(t: jax.Array, state: HMCState) -> HMCState:
             """The pooled warmup update after transition ``t``."""
-            adapt = _first(state.adapt_state)
+            adapt = first_lane(state.adapt_state)
             flat = jax.vmap(lambda z: ravel_pytree(z)[0])(state.z)
             (block_name,) = adapt.mm_state
             mean, m2, n = adapt.mm_state[block_name]
@@ -120,18 +124,10 @@ def build_pooled_nuts(
     return Kernel(nuts.init, frozen.step, block=block, fields=extra_fields)
 
 
-def _first(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x[0], tree)
-
-
-def _lanes(tree: Any, lanes: int) -> Any:
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (lanes, *jnp.shape(x))), tree)
-
-
 def _broadcast(state: HMCState, adapt: HMCAdaptState) -> HMCState:
     """Every lane gets the shared adaptation state (each keeps its own key)."""
     lanes = state.accept_prob.shape[0]
-    shared = _lanes(adapt._replace(rng_key=None), lanes)
+    shared = replicate(adapt._replace(rng_key=None), lanes)
     return state._replace(
         adapt_state=shared._replace(rng_key=state.adapt_state.rng_key)
     )
