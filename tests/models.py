@@ -1,5 +1,6 @@
 """Models shared by the tests (data always arrive as arguments)."""
 
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -59,3 +60,8 @@ RESUME_CONFIG = {
     "progress_bar": False,
 }
 """6 warmup chunks then 6 sampling chunks, a checkpoint every 2 chunks."""
+
+
+def correlated(cov):
+    """A zero-mean multivariate normal with covariance ``cov``."""
+    numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))

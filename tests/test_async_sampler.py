@@ -9,23 +9,15 @@ inits, chunks, padding lanes, thinning and checkpoints.
 import numpy as np
 import pytest
 from harness.test_posteriordb import precision
+from helpers import Interrupted, assert_same_draws, interrupt_after
 from models import linreg, linreg_data, normal_mean
 
 import chainmesh as cm
-from chainmesh import checkpoint
 from chainmesh.examples import eight_schools_data
 
 FAST = {"num_warmup": 60, "num_samples": 40, "progress_bar": False}
 X, Y = linreg_data()
 NORMAL_Y = np.random.default_rng(0).normal(1.0, 1.0, size=20).astype(np.float32)
-
-
-def _assert_same(a, b) -> None:
-    for group in ("samples", "extra"):
-        x, y = getattr(a, group), getattr(b, group)
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{group}.{k}")
 
 
 EXACT = {"num_warmup": 20, "num_samples": 30, "progress_bar": False}
@@ -59,7 +51,7 @@ def test_async_draws_equal_map_in_float64():
                     getattr(runs[name], group)[k], x, rtol=1e-8, atol=1e-10,
                     err_msg=f"{name} {group}.{k}",
                 )  # fmt: skip
-    _assert_same(runs["async"], runs["async3"])  # lanes never change draws
+    assert_same_draws(runs["async"], runs["async3"])  # lanes never change draws
     assert runs["async"].stats["leapfrog_steps"] == ref.stats["leapfrog_steps"]
 
 
@@ -90,29 +82,18 @@ def test_thinning_keeps_every_kth_transition():
     assert thinned.stats["leapfrog_steps"] == full.stats["leapfrog_steps"]
 
 
-class Interrupted(Exception):
-    """Raised after a chosen checkpoint: the run stops there."""
-
-
 @pytest.mark.parametrize("lanes", [None, 2])
 def test_resume_is_bitwise(lanes, tmp_path, monkeypatch):
-    original = checkpoint.save_checkpoint
-
-    def save(directory, manifest, progress, *args, **kwargs):
-        original(directory, manifest, progress, *args, **kwargs)
-        if progress["next_chunk"] == 4:  # mid-sampling: 3 of 5 chunks of 20
-            raise Interrupted
-
     options = {
         "num_chains": 8, "devices": 2, "inner": "async", "lanes": lanes,
         "chunk_size": 20, "checkpoint_every": 1, **FAST,
     }  # fmt: skip
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
-    with pytest.raises(Interrupted):
-        cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **options).run(0, X, Y)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 4)  # mid-sampling: 3 of 5 chunks of 20
+        with pytest.raises(Interrupted):
+            cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **options).run(0, X, Y)
     resumed = cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **options)
-    _assert_same(
+    assert_same_draws(
         cm.Sampler(linreg, **options).run(0, X, Y), resumed.run(0, X, Y, resume=True)
     )
 

@@ -12,6 +12,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from helpers import Interrupted, assert_same_draws, interrupt_after
 from models import RESUME_CONFIG, linreg, linreg_data
 
 import chainmesh as cm
@@ -24,13 +25,6 @@ X, Y = linreg_data()
 @pytest.fixture(scope="module")
 def uninterrupted():
     return cm.Sampler(linreg, **RESUME_CONFIG).run(0, X, Y)
-
-
-def _assert_same(a, b):
-    for name in a.samples:
-        np.testing.assert_array_equal(a.samples[name], b.samples[name])
-    for name in a.extra:
-        np.testing.assert_array_equal(a.extra[name], b.extra[name])
 
 
 def _kill_child(directory: Path, stop_at: int, when: str, init: str = "default"):
@@ -67,7 +61,7 @@ def test_resume_after_sigkill_is_bitwise_equal(
         assert (tmp_path / "checkpoint.npz.tmp").exists()
     sampler = cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **RESUME_CONFIG)
     resumed = sampler.run(0, X, Y, resume=True)
-    _assert_same(uninterrupted, resumed)
+    assert_same_draws(uninterrupted, resumed)
     assert checkpoint.load(tmp_path).progress["next_chunk"] == 12
 
 
@@ -87,7 +81,7 @@ def test_resume_refuses_another_run(tmp_path):
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path, uninterrupted):
     sampler = cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **RESUME_CONFIG)
-    _assert_same(uninterrupted, sampler.run(0, X, Y, resume=True))
+    assert_same_draws(uninterrupted, sampler.run(0, X, Y, resume=True))
 
 
 def test_checkpoint_files_need_no_pickle(tmp_path):
@@ -117,7 +111,7 @@ def test_full_disk_fails_before_sampling(tmp_path, monkeypatch):
 def test_store_streams_draws_to_npy(tmp_path, uninterrupted):
     result = cm.Sampler(linreg, store=str(tmp_path), **RESUME_CONFIG).run(0, X, Y)
     assert isinstance(result.samples["beta"], np.memmap)
-    _assert_same(uninterrupted, result)
+    assert_same_draws(uninterrupted, result)
     on_disk = np.load(tmp_path / "draws" / "beta.npy", allow_pickle=False)
     np.testing.assert_array_equal(on_disk, uninterrupted.samples["beta"])
     assert os.path.getsize(tmp_path / "extra" / "diverging.npy") > 4 * 60
@@ -143,21 +137,6 @@ def test_streaming_keeps_host_memory_flat(tmp_path):
     assert saved > 0.6 * draws_mb
 
 
-class Interrupted(Exception):
-    """Raised after a checkpoint by ``_interrupt_after``: the run stops there."""
-
-
-def _interrupt_after(monkeypatch, chunk: int) -> None:
-    original = checkpoint.save_checkpoint
-
-    def save(directory, manifest, progress, *args, **kwargs):
-        original(directory, manifest, progress, *args, **kwargs)
-        if progress["next_chunk"] == chunk:
-            raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
-
-
 def _record_starts(monkeypatch) -> list[int]:
     """The chunk each later run starts from (0: the beginning)."""
     starts, original = [], checkpoint.attach
@@ -179,7 +158,7 @@ def test_resume_refuses_a_store_without_the_draws(tmp_path, monkeypatch, uninter
         return cm.Sampler(linreg, **config).run(0, X, Y, resume=resume)
 
     with monkeypatch.context() as m:
-        _interrupt_after(m, 8)
+        interrupt_after(m, 8)
         with pytest.raises(Interrupted):
             run(store, False)
     assert checkpoint.load(ckpt).progress["filled"] == 20
@@ -188,7 +167,7 @@ def test_resume_refuses_a_store_without_the_draws(tmp_path, monkeypatch, uninter
     with pytest.raises(ValueError, match=f"pass store='{tmp_path}.*store'"):
         run(str(tmp_path / "other"), True)
     starts = _record_starts(monkeypatch)
-    _assert_same(uninterrupted, run(store, True))
+    assert_same_draws(uninterrupted, run(store, True))
     assert starts == [8]
 
 
@@ -197,14 +176,14 @@ def test_draws_of_a_checkpoint_move_into_a_new_store(
 ):
     ckpt = str(tmp_path / "ckpt")
     with monkeypatch.context() as m:
-        _interrupt_after(m, 8)
+        interrupt_after(m, 8)
         with pytest.raises(Interrupted):
             cm.Sampler(linreg, checkpoint_dir=ckpt, **RESUME_CONFIG).run(0, X, Y)
     store = str(tmp_path / "store")
     sampler = cm.Sampler(linreg, checkpoint_dir=ckpt, store=store, **RESUME_CONFIG)
     resumed = sampler.run(0, X, Y, resume=True)
     assert isinstance(resumed.samples["beta"], np.memmap)
-    _assert_same(uninterrupted, resumed)
+    assert_same_draws(uninterrupted, resumed)
     assert "draws.beta" not in np.load(Path(ckpt) / "checkpoint.npz").files
 
 
@@ -214,7 +193,7 @@ def test_callable_init_strategy_resumes_in_a_fresh_process(tmp_path, monkeypatch
     starts = _record_starts(monkeypatch)
     resumed = checkpoint_child.sampler(str(tmp_path), init).run(0, X, Y, resume=True)
     assert starts == [8]
-    _assert_same(checkpoint_child.sampler(None, init).run(0, X, Y), resumed)
+    assert_same_draws(checkpoint_child.sampler(None, init).run(0, X, Y), resumed)
 
 
 def _edited(X, y=None):

@@ -10,13 +10,11 @@ within a data set only, and a dense metric learned from all chains.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from models import linreg, linreg_data
+from helpers import Interrupted, assert_same_draws, interrupt_after
+from models import correlated, linreg, linreg_data
 
 import chainmesh as cm
-from chainmesh import checkpoint
 
 KERNELS = {"chees": {"kernel": "chees"}, "ensemble": {"adapt": "ensemble"}}
 X, Y = linreg_data()
@@ -29,14 +27,6 @@ def _run(name: str, chains: int, devices: int, **options):
         linreg, num_chains=chains, devices=devices, **KERNELS[name], **config
     )
     return sampler.run(0, X, Y)
-
-
-def _assert_same(a, b) -> None:
-    for group in ("samples", "extra"):
-        x, y = getattr(a, group), getattr(b, group)
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=f"{group}.{k}")
 
 
 @pytest.fixture(scope="module", params=list(KERNELS))
@@ -110,34 +100,23 @@ def test_padding_chains_never_enter_the_pooled_statistics(name):
         linreg, num_chains=7, devices=4, **KERNELS[name], **FAST, **options
     )
     assert padded.plan.num_padding == 1
-    _assert_same(padded.run(root, X, Y), padded.run(keys, X, Y))
-
-
-class Interrupted(Exception):
-    """Raised after a chosen checkpoint: the run stops there."""
+    assert_same_draws(padded.run(root, X, Y), padded.run(keys, X, Y))
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_resume_mid_warmup_is_bitwise(name, tmp_path, monkeypatch, four_by_two):
     if four_by_two[0] != name:
         pytest.skip("one resume per kernel")
-    original = checkpoint.save_checkpoint
-
-    def save(directory, manifest, progress, *args, **kwargs):
-        original(directory, manifest, progress, *args, **kwargs)
-        if progress["next_chunk"] == 2:  # after 40 of 60 warmup transitions
-            raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
     options = {"chunk_size": 20, "checkpoint_dir": str(tmp_path), "checkpoint_every": 1}
-    with pytest.raises(Interrupted):
-        _run(name, 8, 4, **options)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", original)
+    with monkeypatch.context() as m:
+        interrupt_after(m, 2)  # after 40 of 60 warmup transitions
+        with pytest.raises(Interrupted):
+            _run(name, 8, 4, **options)
     sampler = cm.Sampler(
         linreg, num_chains=8, devices=4, **KERNELS[name], **FAST, **options
     )
     resumed = sampler.run(0, X, Y, resume=True)
-    _assert_same(_run(name, 8, 4, chunk_size=20), resumed)
+    assert_same_draws(_run(name, 8, 4, chunk_size=20), resumed)
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
@@ -154,10 +133,6 @@ def test_data_sets_pool_on_their_own(name):
     for k in range(2):
         assert np.unique(eps[k]).size == 1
     assert eps[0, 0, 0] > 1.5 * eps[1, 0, 0]  # sigma 20x larger: smaller steps
-
-
-def correlated(cov):
-    numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
 
 
 def test_ensemble_learns_a_dense_metric_from_all_chains():

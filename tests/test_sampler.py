@@ -6,7 +6,14 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import linreg, linreg_data, normal_mean, normal_mean_posterior, scale_model
+from models import (
+    correlated,
+    linreg,
+    linreg_data,
+    normal_mean,
+    normal_mean_posterior,
+    scale_model,
+)
 
 import chainmesh as cm
 from chainmesh.counters import COUNTERS, _add_wide, wide_total
@@ -161,10 +168,6 @@ def nan_beyond_one(scale):
     """A standard normal whose density is NaN for x > 1: divergences."""
     x = numpyro.sample("x", dist.Normal(0.0, scale))
     numpyro.factor("hole", jnp.where(x > 1.0, jnp.nan, 0.0))
-
-
-def correlated(cov):
-    numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
 
 
 def test_dense_mass_learns_the_covariance():
