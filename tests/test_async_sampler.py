@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from harness.test_posteriordb import precision
 from helpers import Interrupted, assert_same_draws, interrupt_after
-from models import linreg, linreg_data, normal_mean
+from models import correlated, linreg, linreg_data, normal_mean
 
 import chainmesh as cm
+from chainmesh.counters import LOW_BITS, slowest_times
 from chainmesh.examples import eight_schools_data
 
 FAST = {"num_warmup": 60, "num_samples": 40, "progress_bar": False}
@@ -115,6 +116,32 @@ def test_data_sets_run_async_like_map():
         runs[1].samples["beta"], runs[0].samples["beta"], rtol=1e-8, atol=1e-10
     )
     assert runs[1].stats["leapfrog_steps"] == runs[0].stats["leapfrog_steps"]
+
+
+def test_data_sets_pay_for_the_slowest_loop():
+    """Two data sets vmapped on one device (an easy and a hard covariance):
+    the vmapped loop runs both sets' lanes until the hard set's loop ends, so
+    the device pays sets x lanes x the slowest set's iterations. With a lane
+    per chain, a set's loop runs as many iterations as its longest chain has
+    leapfrog steps (one sampling chunk here)."""
+    covs = np.stack([np.eye(2), [[1.0, 0.99], [0.99, 1.0]]]).astype(np.float32)
+    out = cm.BatchSampler(
+        correlated, 2, num_chains=4, devices=1, inner="async", **FAST
+    ).run(0, covs)
+    steps = out.extra["num_steps"].astype(np.int64)  # (set, chain, draw)
+    iterations = steps.sum(-1).max(-1)  # per set
+    assert iterations[1] > 2 * iterations[0]  # very different difficulty
+    assert out.stats["lockstep_steps"] == iterations.max() * 4 * 2
+    assert out.stats["lockstep_efficiency"] == steps.sum() / (iterations.max() * 8)
+
+
+def test_slowest_times_is_exact_past_int32():
+    """``n x`` the largest two-word counter, for totals beyond 2**31."""
+    totals = [3 * 2**30 + 12345, 3 * 2**30 + 999_999, 2**20 - 1]
+    words = np.array([[t % 2**LOW_BITS, t >> LOW_BITS] for t in totals], np.int32)
+    for n in (1, 7, 2**19 + 3):
+        lo, hi = np.asarray(slowest_times(words, n)).tolist()
+        assert lo < 2**LOW_BITS and hi * 2**LOW_BITS + lo == max(totals) * n
 
 
 @pytest.mark.parametrize(

@@ -24,11 +24,20 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from numpyro.infer.hmc import HMCState
 
-from chainmesh.counters import COUNTERS, LOW_BITS, _add_wide, bound_words, wide_total
+from chainmesh.counters import (
+    COUNTERS,
+    LOW_BITS,
+    _add_wide,
+    bound_words,
+    slowest_times,
+    wide_total,
+)
 from chainmesh.kernels.base import Kernel
 from chainmesh.keys import chain_key, with_values
 from chainmesh.mesh import CHAIN, SHARD
 from chainmesh.model import postprocess_fn
+
+LOCKSTEP = COUNTERS.index("lockstep_steps")
 
 __all__ = [
     "COUNTERS",
@@ -172,7 +181,10 @@ def _chunk_fn(
 
             if sharded:  # one loop per data set, vmapped over the device's sets
                 s, d, e, c = jax.vmap(one_block)(state, real, args, kwargs)
-                c = c.sum(0)
+                # The vmapped loop runs every set's lanes until the slowest
+                # set's loop ends: the device pays sets x that set's lanes.
+                paid = slowest_times(c[:, LOCKSTEP], c.shape[0])
+                c = c.sum(0).at[LOCKSTEP].set(paid)
             else:
                 s, d, e, c = one_block(state, real, args, kwargs)
         elif kernel.block is not None:
