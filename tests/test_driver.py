@@ -6,7 +6,9 @@ from models import RESUME_CONFIG, linreg, linreg_data
 
 import chainmesh as cm
 from chainmesh import checkpoint
+from chainmesh import sampler as sampler_module
 from chainmesh.driver import schedule
+from chainmesh.examples import eight_schools_data
 
 X, Y = linreg_data()
 THINNED = {**RESUME_CONFIG, "num_samples": 62, "thinning": 3, "chunk_size": 5}
@@ -69,3 +71,25 @@ def test_resuming_a_finished_run_keeps_its_timings(tmp_path):
     for name in ("warmup_s", "sampling_s", "gradients_per_s", "leapfrog_steps"):
         assert again.stats[name] == pytest.approx(first.stats[name], rel=1e-9)
     assert np.isfinite(again.stats["gradients_per_s"])
+
+
+def test_chunk_never_exceeds_the_run(count_compiles, monkeypatch):
+    """A chunk_size larger than the run compiles the program of the default
+    chunk (one program, draw buffers of the run's length, not the chunk's)."""
+    run = {"num_chains": 8, "num_warmup": 10, "num_samples": 10, "progress_bar": False}
+    example = eight_schools_data()
+    buffers = []
+
+    def allocate(store, chunk_program, keep, kept):
+        buffers.append(chunk_program.out_info.draws["mu"].shape)
+        return original(store, chunk_program, keep, kept)
+
+    original = sampler_module.allocate
+    monkeypatch.setattr(sampler_module, "allocate", allocate)
+    big = cm.Sampler(example.model, chunk_size=10**4, **run)
+    assert big.config.chunk == 10
+    big.run(0, *example.args)
+    with count_compiles() as c:
+        cm.Sampler(example.model, **run).run(0, *example.args)
+    assert buffers == [(8, 10)] * 2
+    assert c.count == 0

@@ -53,7 +53,8 @@ class SamplerConfig:
             ``2**max_tree_depth - 1`` leapfrog steps, as NUTS does.
         dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.
         init_strategy: Name of a NumPyro init strategy or an init function.
-        chunk_size: Transitions (warmup) or draws (sampling) per compiled call.
+        chunk_size: Transitions (warmup) or draws (sampling) per compiled call
+            (at most ``max(num_warmup, num_samples)``, see ``chunk``).
         inner: How a device runs its chains: "vmap" (lockstep), "map" (one
             after another) or "async" (lanes of one vectorized loop, each
             advancing its own NUTS tree one leapfrog step per iteration).
@@ -188,10 +189,13 @@ class SamplerConfig:
 
     @property
     def chunk(self) -> int:
-        """Transitions (warmup) or draws (sampling) per compiled call."""
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return min(DEFAULT_CHUNK_DRAWS, max(self.num_warmup, self.num_samples))
+        """Transitions (warmup) or draws (sampling) per compiled call.
+
+        Never more than the longer phase: a larger ``chunk_size`` would only
+        allocate draw buffers the run never fills (and key another program).
+        """
+        longest = max(self.num_warmup, self.num_samples)
+        return min(self.chunk_size or DEFAULT_CHUNK_DRAWS, longest)
 
 
 def _check_int(name: str, value: Any, low: int, hint: str) -> None:
