@@ -1,5 +1,7 @@
 """Checkpoint, resume after SIGKILL, and streaming draws to disk."""
 
+import dataclasses
+import functools
 import json
 import os
 import signal
@@ -271,3 +273,105 @@ def test_concurrent_write_probes_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "_atomic_write", atomic_write)
     checkpoint.check_writable(tmp_path, 0)
     assert nested and list(tmp_path.iterdir()) == []
+
+
+def shifted(a=0, b=0, mask=None):
+    """Static ints under two names: ``a=50`` and ``b=50`` are other posteriors."""
+    mu = numpyro.sample("mu", dist.Normal(a - b, 1.0))
+    with numpyro.handlers.mask(mask=True if mask is None else mask):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=0.0)
+
+
+def test_resume_refuses_arguments_under_other_names(tmp_path, monkeypatch):
+    sampler = cm.Sampler(shifted, checkpoint_dir=str(tmp_path), **RESUME_CONFIG)
+    sampler.run(0, a=50)
+    with pytest.raises(ValueError, match="cannot resume.*data"):
+        sampler.run(0, b=50, resume=True)
+    with pytest.raises(ValueError, match="cannot resume.*data"):
+        sampler.run(0, a=50, mask=None, resume=True)
+    starts = _record_starts(monkeypatch)
+    sampler.run(0, 50, resume=True)  # by position: the same call
+    assert starts == [12]
+
+
+class Scale:
+    """A static object without ``__dict__`` (its repr is the same for all)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def scaled_linreg(X, y, scale):
+    beta = numpyro.sample(
+        "beta", dist.Normal(0.0, scale.value).expand([X.shape[1]]).to_event(1)
+    )
+    numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+
+@dataclasses.dataclass
+class Design:
+    """A design matrix too long for its repr to show every value."""
+
+    X: np.ndarray
+
+
+def design_model(design):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(mu * design.X, 1.0), obs=np.zeros(len(design.X)))
+
+
+def test_resume_refuses_other_static_contents(tmp_path):
+    config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
+    cm.Sampler(scaled_linreg, **config).run(0, X, Y, Scale(1.0))
+    with pytest.raises(ValueError, match="cannot resume.*data"):
+        cm.Sampler(scaled_linreg, **config).run(0, X, Y, Scale(2.0), resume=True)
+    one = np.linspace(0.0, 1.0, 2000, dtype=np.float32)
+    other = one.copy()
+    other[1000] += 1.0  # elided from the repr
+    cm.Sampler(functools.partial(design_model, design=Design(one)), **config).run(0)
+    model = functools.partial(design_model, design=Design(other))
+    with pytest.raises(ValueError, match="cannot resume.*model"):
+        cm.Sampler(model, **config).run(0, resume=True)
+
+
+class CallableLinreg:
+    """A model as a callable object."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, X, y=None):
+        beta = numpyro.sample(
+            "beta", dist.Normal(0.0, self.scale).expand([X.shape[1]]).to_event(1)
+        )
+        numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+
+class _EditedCallable:
+    """``CallableLinreg`` with another ``__call__``, under the same name."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __call__(self, X, y=None):
+        beta = numpyro.sample(
+            "beta", dist.Normal(0.0, 2 * self.scale).expand([X.shape[1]]).to_event(1)
+        )
+        numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
+
+
+_EditedCallable.__qualname__ = _EditedCallable.__name__ = CallableLinreg.__name__
+
+
+def test_resume_refuses_a_callable_object_with_edited_code(tmp_path, monkeypatch):
+    config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
+    assert identity.digest(CallableLinreg(1.0)) == identity.digest(CallableLinreg(1.0))
+    assert identity.digest(_EditedCallable(1.0)) != identity.digest(CallableLinreg(1.0))
+    cm.Sampler(CallableLinreg(1.0), **config).run(0, X, Y)
+    with pytest.raises(ValueError, match="cannot resume.*model: checkpoint"):
+        cm.Sampler(_EditedCallable(1.0), **config).run(0, X, Y, resume=True)
+    starts = _record_starts(monkeypatch)
+    cm.Sampler(CallableLinreg(1.0), **config).run(0, X, Y, resume=True)
+    assert starts == [12]
