@@ -1,0 +1,185 @@
+"""Metrics in O(d k) and their estimators, against dense algebra, BlackJAX 1.7
+and a NumPy transcription of nutpie's (nuts-rs) low-rank estimator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from blackjax.adaptation.metric_estimators import (
+    fisher_score_diagonal,
+    fisher_score_low_rank,
+)
+
+from chainmesh.kernels import metrics
+from chainmesh.kernels.ensemble import welford_batch, welford_init, welford_merge
+
+lowrank = jax.jit(metrics.lowrank, static_argnames="rank")
+
+
+def dense(m: metrics.Metric) -> np.ndarray:
+    """``Sigma`` as a d x d matrix."""
+    s, U, lam = (np.asarray(a, np.float64) for a in m)
+    return s[:, None] * (np.eye(len(s)) + (U * (lam - 1)) @ U.T) * s[None, :]
+
+
+def factor_gaussian(rng, n: int, d: int, loc: float = 0.0):
+    """Draws and gradients of log p of a Gaussian with two strong directions
+    (variances x25 and /25) on uneven marginal scales."""
+    V = np.linalg.qr(rng.normal(size=(d, 2)))[0]
+    s = np.exp(rng.uniform(-1.5, 1.5, d))
+    core = np.eye(d) + V @ np.diag([24.0, 1 / 25 - 1]) @ V.T
+    cov = s[:, None] * core * s[None, :]
+    x = rng.multivariate_normal(np.zeros(d), cov, size=n)
+    return x + loc, -np.linalg.solve(cov, x.T).T, cov
+
+
+def random_metric(rng, d: int, k: int) -> metrics.Metric:
+    U = np.linalg.qr(rng.normal(size=(d, k)))[0]
+    U[:, -1] = 0.0  # an inactive column
+    lam = np.exp(rng.normal(size=k))
+    lam[0] = 1.0  # an identity direction
+    scale = np.exp(rng.normal(size=d))
+    return metrics.Metric(*(jnp.asarray(a, jnp.float32) for a in (scale, U, lam)))
+
+
+def welford_of(rows: np.ndarray, batch: int = 16):
+    """Pooled moments of ``rows`` fed as lanes of ``batch`` per transition,
+    about a running shift that starts at the first row."""
+    w = welford_init(rows.shape[1], rows.dtype)._replace(mean=jnp.asarray(rows[0]))
+    for start in range(0, len(rows), batch):
+        chunk = jnp.asarray(rows[start : start + batch])
+        sums = jax.tree.map(lambda a: a.sum(0), welford_batch(w, chunk))
+        w = welford_merge(w, sums)
+    return w
+
+
+def nutpie_reference(draws, grads, rank, gamma=1e-5, cutoff=2.0):
+    """nuts-rs ``LowRankMassMatrixStrategy::compute_update`` in NumPy float64
+    (full principal subspaces, every eigenvalue outside the band kept), then
+    the ``rank`` pairs farthest from 1 in log scale."""
+    x, g = draws.T.astype(np.float64), grads.T.astype(np.float64)  # (d, n)
+    var_x, var_g = x.var(1), g.var(1)
+    sigma = (var_x / var_g) ** 0.25
+    x = (x - x.mean(1, keepdims=True)) / sigma[:, None]
+    g = (g - g.mean(1, keepdims=True)) * sigma[:, None]
+    ux = np.linalg.svd(x, full_matrices=False)[0]
+    ug = np.linalg.svd(g, full_matrices=False)[0]
+    q = np.linalg.qr(np.concatenate([ux, ug], 1))[0]
+    px, pg = q.T @ x, q.T @ g
+    cx = px @ px.T / gamma + np.eye(len(q.T))
+    cg = pg @ pg.T / gamma + np.eye(len(q.T))
+    e, u = np.linalg.eigh(cg)
+    half, inv_half = (u * e**0.5) @ u.T, (u * e**-0.5) @ u.T
+    me, mu = np.linalg.eigh(half @ cx @ half)
+    vals, vecs = np.linalg.eigh(inv_half @ ((mu * me**0.5) @ mu.T) @ inv_half)
+    keep = (vals > cutoff) | (vals < 1 / cutoff)
+    vals, vecs = vals[keep], q @ vecs[:, keep]
+    top = np.argsort(-np.abs(np.log(vals)))[:rank]
+    return sigma, vecs[:, top], vals[top]
+
+
+def test_operations_equal_the_dense_matrices():
+    rng = np.random.default_rng(0)
+    d, k = 9, 4
+    m = random_metric(rng, d, k)
+    sigma = dense(m)
+    s, U, lam = (np.asarray(a, np.float64) for a in m)
+    root = s[:, None] * (np.eye(d) + (U * (lam**0.5 - 1)) @ U.T)  # L, Sigma = L L^T
+    np.testing.assert_allclose(root @ root.T, sigma, rtol=1e-5, atol=1e-6)
+    p = rng.normal(size=(5, d)).astype(np.float32)
+    tol = {"rtol": 2e-4, "atol": 1e-4}
+    np.testing.assert_allclose(metrics.velocity(m, p), p @ sigma, **tol)
+    energy = 0.5 * np.einsum("ni,ij,nj->n", p, sigma, p)
+    np.testing.assert_allclose(metrics.kinetic_energy(m, p), energy, **tol)
+    np.testing.assert_allclose(
+        metrics.momentum(m, p), np.linalg.solve(root.T, p.T).T, **tol
+    )
+    np.testing.assert_allclose(
+        metrics.whiten(m, p), np.linalg.solve(root, p.T).T, **tol
+    )
+    np.testing.assert_allclose(metrics.whitened_velocity(m, p), p @ root, **tol)
+    np.testing.assert_allclose(metrics.inverse_mass_diagonal(m), np.diag(sigma), **tol)
+    diag = metrics.diagonal(jnp.asarray(np.diag(sigma), jnp.float32), rank=3)
+    np.testing.assert_allclose(dense(diag), np.diag(np.diag(sigma)), rtol=1e-5)
+
+
+def test_momentum_draws_have_covariance_the_mass_matrix():
+    rng = np.random.default_rng(1)
+    d, n = 6, 40_000
+    m = random_metric(rng, d, 3)
+    keys = jax.random.split(jax.random.key(0), n)
+    p = np.asarray(jax.vmap(metrics.draw_momentum, (0, None))(keys, m), np.float64)
+    mass = np.linalg.inv(dense(m))
+    cov = p.T @ p / n  # the mean is known to be 0
+    se = np.sqrt((np.outer(np.diag(mass), np.diag(mass)) + mass**2) / n)
+    assert np.all(np.abs(cov - mass) < 5 * se), np.max(np.abs(cov - mass) / se)
+
+
+def test_fisher_from_pooled_moments_equals_blackjax():
+    rng = np.random.default_rng(2)
+    draws, grads, _ = factor_gaussian(rng, 400, 7)
+    with jax.enable_x64(True):
+        wx, wg = welford_of(draws), welford_of(grads)
+        ours = metrics.inverse_mass_diagonal(metrics.fisher(wx, wg))
+        theirs = fisher_score_diagonal(jnp.asarray(draws), jnp.asarray(grads))
+        np.testing.assert_allclose(ours, theirs, rtol=1e-10)
+
+
+def test_fisher_is_accurate_in_float32_far_from_zero():
+    """Mean / sd >= 1e4: moments about a running shift do not cancel."""
+    rng = np.random.default_rng(3)
+    draws, grads, _ = factor_gaussian(rng, 512, 5, loc=3e4)
+    exact = np.sqrt(draws.var(0) / grads.var(0))
+    f32 = (draws.astype(np.float32), grads.astype(np.float32))
+    pooled = metrics.inverse_mass_diagonal(metrics.fisher(*map(welford_of, f32)))
+    np.testing.assert_allclose(pooled, exact, rtol=1e-3)
+    matrix = lowrank(*map(jnp.asarray, f32), rank=2)
+    np.testing.assert_allclose(np.asarray(matrix.scale) ** 2, exact, rtol=1e-3)
+
+
+def test_lowrank_equals_blackjax():
+    """The rank cap does not bind: the same metric as BlackJAX 1.7.1's
+    ``fisher_score_low_rank`` (a truncated subspace of 2 x rank columns)."""
+    rng = np.random.default_rng(4)
+    draws, grads, _ = factor_gaussian(rng, 2000, 30)
+    with jax.enable_x64(True):
+        x, g = jnp.asarray(draws), jnp.asarray(grads)
+        ours = lowrank(x, g, rank=4)
+        theirs = jax.jit(fisher_score_low_rank, static_argnames="max_rank")(
+            x, g, max_rank=4
+        )
+        assert int((np.asarray(ours.lam) != 1).sum()) == 2  # the two factors
+        np.testing.assert_allclose(ours.scale, theirs.sigma, rtol=1e-10)
+        np.testing.assert_allclose(dense(ours), dense(theirs), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-7), (np.float32, 2e-3)])
+def test_lowrank_equals_nutpie_when_the_rank_binds(dtype, rtol):
+    """Correlated draws in d = 8, rank 4: the subspace is all of R^d (as in
+    nuts-rs), more than 4 eigenvalues lie outside the band, the 4 farthest
+    from 1 in log scale are kept."""
+    rng = np.random.default_rng(5)
+    d, rank = 8, 4
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T + 0.05 * np.eye(d)
+    x = rng.multivariate_normal(np.zeros(d), cov, size=300)
+    grads = -np.linalg.solve(cov, x.T).T
+    sigma, U, lam = nutpie_reference(x, grads, rank)
+    assert len(lam) == rank  # the cap binds: more than 4 were outside
+    with jax.enable_x64(dtype == np.float64):
+        ours = lowrank(jnp.asarray(x, dtype), jnp.asarray(grads, dtype), rank)
+        got = dense(ours)
+    want = dense(metrics.Metric(sigma, U, lam))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_masked_rows_do_not_enter_the_lowrank_estimate():
+    rng = np.random.default_rng(6)
+    draws, grads, _ = factor_gaussian(rng, 300, 10)
+    junk = np.full((40, 10), np.nan)
+    keep = np.r_[np.ones(300, bool), np.zeros(40, bool)]
+    order = rng.permutation(340)
+    stack = [np.concatenate([a, junk])[order] for a in (draws, grads)]
+    masked = lowrank(*map(jnp.asarray, stack), rank=3, weights=keep[order])
+    plain = lowrank(jnp.asarray(draws), jnp.asarray(grads), rank=3)
+    np.testing.assert_allclose(dense(masked), dense(plain), rtol=1e-4, atol=1e-5)
