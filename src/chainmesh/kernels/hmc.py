@@ -1,8 +1,10 @@
 """A fixed-length HMC transition of a block of lanes, each with its own key.
 
-Positions are flat ``(lanes, d)`` vectors; step size, diagonal inverse mass
-matrix and number of leapfrog steps are shared by the lanes, so a vectorized
-block runs no step that a lane does not need. One gradient per leapfrog step.
+Positions are flat ``(lanes, d)`` vectors; step size, metric (a diagonal or
+low-rank-modified inverse mass matrix, ``metrics.Metric``, O(d k) per
+operation) and number of leapfrog steps are shared by the lanes, so a
+vectorized block runs no step that a lane does not need. One gradient per
+leapfrog step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from chainmesh.kernels import metrics
 
 
 class Moved(NamedTuple):
@@ -45,7 +49,7 @@ def transition(
     keys: jax.Array,
     start: tuple[jax.Array, jax.Array, jax.Array],
     eps: jax.Array,
-    inv_mass: jax.Array,
+    metric: metrics.Metric | jax.Array,
     num_steps: jax.Array,
 ) -> Moved:
     """``num_steps`` leapfrog steps of every lane, then the Metropolis test.
@@ -55,26 +59,29 @@ def transition(
         keys: One PRNG key per lane: its momentum and its uniform.
         start: ``(x, potential energy, grad)`` of every lane.
         eps: Step size (shared).
-        inv_mass: ``(d,)`` diagonal inverse mass matrix (shared).
+        metric: The inverse mass matrix (shared): a ``metrics.Metric``, or
+            a ``(d,)`` diagonal.
         num_steps: Leapfrog steps (shared, traced).
     """
     x0, u0, g0 = start
+    if not isinstance(metric, metrics.Metric):
+        metric = metrics.diagonal(metric)
     value_and_grad = jax.vmap(jax.value_and_grad(potential))
     pairs = jax.vmap(jax.random.split)(keys)
     key_p, key_u = pairs[:, 0], pairs[:, 1]
     noise = jax.vmap(partial(jax.random.normal, shape=x0.shape[1:], dtype=x0.dtype))
-    p0 = noise(key_p) / jnp.sqrt(inv_mass)
+    p0 = metrics.momentum(metric, noise(key_p))
 
     def leapfrog(_, carry):
         x, p, _u, g = carry
         p = p - 0.5 * eps * g
-        x = x + eps * inv_mass * p
+        x = x + eps * metrics.velocity(metric, p)
         u, g = value_and_grad(x)
         return x, p - 0.5 * eps * g, u, g
 
     x1, p1, u1, g1 = lax.fori_loop(0, num_steps, leapfrog, (x0, p0, u0, g0))
-    h0 = u0 + 0.5 * (inv_mass * p0 * p0).sum(-1)
-    h1 = u1 + 0.5 * (inv_mass * p1 * p1).sum(-1)
+    h0 = u0 + metrics.kinetic_energy(metric, p0)
+    h1 = u1 + metrics.kinetic_energy(metric, p1)
     delta = jnp.where(jnp.isnan(h1 - h0), jnp.inf, h1 - h0)
     accept_prob = jnp.minimum(jnp.exp(-delta), 1.0)
     uniform = jax.vmap(partial(jax.random.uniform, dtype=x0.dtype))(key_u)

@@ -67,6 +67,8 @@ def diagonal(inv_mass: jax.Array, rank: int = 0) -> Metric:
 
 def _correct(y: jax.Array, m: Metric, power: float) -> jax.Array:
     """``(I + U (lam**power - I) U^T) y`` for ``y`` ``(..., d)``."""
+    if m.U.shape[-1] == 0:  # a diagonal metric
+        return y
     coef = (y @ m.U) * (m.lam**power - 1.0)
     return y + coef @ m.U.T
 
