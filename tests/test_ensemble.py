@@ -10,6 +10,8 @@ within a data set only, and a dense metric learned from all chains.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 from helpers import Interrupted, assert_same_draws, interrupt_after
 from models import correlated, linreg, linreg_data
@@ -133,6 +135,44 @@ def test_data_sets_pool_on_their_own(name):
     for k in range(2):
         assert np.unique(eps[k]).size == 1
     assert eps[0, 0, 0] > 1.5 * eps[1, 0, 0]  # sigma 20x larger: smaller steps
+
+
+def far_mean(level, y):
+    """``y ~ N(mu, 1)`` with ``mu`` near ``level``: the posterior sd is
+    ``len(y) ** -0.5`` and its mean / sd is ``level * sqrt(len(y))``."""
+    mu = numpyro.sample("mu", dist.Normal(level, 10.0))
+    numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_pooled_variance_is_accurate_far_from_zero(name):
+    """1000 observations at 1e3 and at 1e4 (mean / sd 3e4 and 3e5): the
+    pooled moments are accumulated about a running shift, so float32 does not
+    cancel. Summed about zero (the old ensemble NUTS), the estimate was 2.2x
+    too large at 1e3 and negative at 1e4; ChEES's first window, summed about
+    zero, was 0.54x at 1e3. The final inverse mass comes from the last slow
+    window (warmup 300: transitions 150-249) of 8 chains, n = 800 pooled
+    draws, whose ESS is at least n / 3 here (sampling draws: NUTS 0.35 n,
+    ChEES 0.75 n); a variance from n_eff draws has relative standard error
+    sqrt(2 / n_eff) <= sqrt(6 / n) = 0.087, and Stan's shrinkage targets
+    1e-3, the true value. Bound: 4 SE."""
+    sampler = cm.Sampler(
+        far_mean, num_chains=8, devices=4, num_warmup=300, num_samples=10,
+        progress_bar=False, **KERNELS[name],
+    )  # fmt: skip
+    noise = np.random.default_rng(0).normal(size=1000)
+    truth = 1.0 / (1000 + 1 / 10.0**2)
+    for level in (1e3, 1e4):
+        y = (level + noise).astype(np.float32)
+        result = sampler.run(0, np.float32(level), y)
+        state = result.state
+        inverse_mass = (
+            state.adapt.inv_mass
+            if name == "chees"
+            else next(iter(state.adapt_state.inverse_mass_matrix.values()))
+        )
+        estimate = float(np.asarray(inverse_mass)[0, 0])
+        assert abs(estimate / truth - 1) < 4 * np.sqrt(6 / 800), (level, estimate)
 
 
 def test_ensemble_learns_a_dense_metric_from_all_chains():

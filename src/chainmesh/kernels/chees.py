@@ -313,8 +313,10 @@ def _chees_gradient(
     x1, p1, accept_prob = moved.x1, moved.p1, moved.accept_prob
     # ChEES lives in the whitened space of the current mass matrix: positions
     # x / sd and velocities d(x / sd)/dt = sd * p, with sd = sqrt(inv_mass).
-    sd = jnp.sqrt(a.inv_mass)
-    w0, w1, v1 = x0 / sd, x1 / sd, p1 * sd
+    # Both are centred about the running mean, a shift known on every lane,
+    # so that float32 does not cancel when the mean is large against the sd.
+    sd, shift = jnp.sqrt(a.inv_mass), a.welford.mean
+    w0, w1, v1 = (x0 - shift) / sd, (x1 - shift) / sd, p1 * sd
     finite = jnp.isfinite(w1).all(-1) & jnp.isfinite(v1).all(-1)
     weight = jnp.where(finite, accept_prob, 0.0)
     w1, v1 = (jnp.where(finite[:, None], z, 0.0) for z in (w1, v1))
@@ -362,8 +364,11 @@ def _adapt(a: ChEESAdaptState, stats: _Stats, hyper: _Hyper) -> ChEESAdaptState:
     # Mass matrix: pooled moments of the slow windows; at a window's end, the
     # new mass matrix restarts dual averaging and the trajectory average.
     t = jnp.minimum(a.step, hyper.num_warmup - 1)
+    # Outside the slow windows (count 0) only the mean moves, to the batch
+    # mean: the shift of the next window's sums and of the ChEES centring.
     merged = welford_merge(a.welford, pooled["batch"])
-    welford = jax.tree.map(partial(jnp.where, hyper.collect[t]), merged, a.welford)
+    shifted = a.welford._replace(mean=merged.mean)
+    welford = jax.tree.map(partial(jnp.where, hyper.collect[t]), merged, shifted)
     ended = hyper.window_end[t]
     inv_mass = welford_variance(welford)
     # A new metric changes the time scale: restart the length where ChEES's

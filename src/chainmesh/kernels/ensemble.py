@@ -69,8 +69,10 @@ class Welford(NamedTuple):
 
     Attributes:
         count: Number of pooled draws in the window (float).
-        mean: ``(d,)`` running mean; kept across windows as the shift that
-            centres the next window's batch sums.
+        mean: ``(d,)`` running mean; kept across windows, and moved to
+            each batch's mean between windows, as the shift that centres the
+            next batch's sums (never zero: in float32, sums of squares about
+            zero cancel when the mean is large against the sd).
         m2: ``(d,)`` sum of squared deviations from ``mean``.
     """
 

@@ -91,11 +91,15 @@ def build_pooled_nuts(
             mean, m2, n = adapt.mm_state[block_name]
             dx = flat - mean
             square = dx * dx if m2.ndim == 1 else jnp.einsum("li,lj->lij", dx, dx)
-            stats = {"n": jnp.ones_like(state.accept_prob), "accept": state.accept_prob}
+            stats = {
+                "n": jnp.ones_like(state.accept_prob),
+                "accept": state.accept_prob,
+                "s1": dx,
+            }
             pooled = lax.cond(
                 collect[t],
-                lambda: pool({**stats, "s1": dx, "s2": square}),
-                lambda: {**pool(stats), "s1": 0 * mean, "s2": 0 * m2},
+                lambda: pool({**stats, "s2": square}),
+                lambda: {**pool(stats), "s2": 0 * m2},
             )
             ss = ss_update(target - pooled["accept"] / pooled["n"], adapt.ss_state)
             log_eps, log_eps_avg = ss[0], ss[1]
@@ -135,28 +139,31 @@ def _broadcast(state: HMCState, adapt: HMCAdaptState) -> HMCState:
 
 def _merge(moments: tuple, pooled: dict, collect: jax.Array) -> tuple:
     """Merge pooled batch sums (about the running mean) into NumPyro's Welford
-    moments ``(mean, m2, n)`` (Chan et al.); unchanged unless ``collect``."""
+    moments ``(mean, m2, n)`` (Chan et al.). Outside the slow windows (where
+    ``n`` is 0) only the mean moves, to the batch mean: it is the shift that
+    the next window's first batch is summed about, so float32 never sums
+    draws about zero (with mean / sd = 3e4, that cancels to a variance 40x
+    too large, or negative)."""
     mean, m2, n = moments
     nb = pooled["n"]
     count = n + jnp.where(collect, nb, 0).astype(n.dtype)
     delta = pooled["s1"] / jnp.maximum(nb, 1.0)  # batch mean - running mean
-    frac = nb / jnp.maximum(count, 1).astype(nb.dtype)
+    frac = nb / jnp.maximum(n.astype(nb.dtype) + nb, 1.0)
     outer = delta * delta if m2.ndim == 1 else jnp.outer(delta, delta)
     batch_m2 = pooled["s2"] - nb * outer
     new_m2 = m2 + batch_m2 + outer * n.astype(nb.dtype) * frac
-    new_mean = mean + delta * frac
-    return (
-        jnp.where(collect, new_mean, mean),
-        jnp.where(collect, new_m2, m2),
-        count,
-    )
+    return mean + delta * frac, jnp.where(collect, new_m2, m2), count
 
 
 def _new_metric(adapt: HMCAdaptState, mm_final: Callable) -> HMCAdaptState:
-    """At a slow window's end: the pooled (co)variance becomes the metric."""
+    """At a slow window's end: the pooled (co)variance becomes the metric, and
+    the next window starts empty but keeps the running mean as its shift
+    (NumPyro's ``welford_covariance`` reads only ``m2`` and ``n`` at the end,
+    and its update of a state with ``n = 0`` sets the mean to the first draw;
+    ``_merge`` sets it to the first batch's mean the same way)."""
     inverse, sqrt, sqrt_inv = mm_final(adapt.mm_state, regularize=True)
     empty = {
-        k: (jnp.zeros_like(mean), jnp.zeros_like(m2), jnp.zeros_like(n))
+        k: (mean, jnp.zeros_like(m2), jnp.zeros_like(n))
         for k, (mean, m2, n) in adapt.mm_state.items()
     }
     return adapt._replace(
