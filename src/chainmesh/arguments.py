@@ -1,19 +1,27 @@
-"""Model arguments: which are data (traced) and which are part of the program.
+"""A call's model arguments, canonicalized once where ``Sampler.run`` gets them.
 
 Arrays and Python floats are data: arguments of the compiled program, so new
 values run the cached executable. Everything else a NumPyro model may take
-(Python ints and bools used as sizes or flags, strings, None, tuples of them,
-configuration objects) is static: bound into the model, part of the program
-cache key, so a new value compiles once. Arrays named in ``static_argnames``
-(or found to be needed as values) are static too, keyed by their contents.
+(Python ints and bools used as sizes or flags, strings, None, configuration
+objects) is static: bound into the model and part of the program's key, so a
+new value compiles once. Static values follow ``jax.jit``'s rule for static
+arguments: they must be hashable, and they are compared by type and value
+(``1``, ``1.0`` and ``True`` are different keys, and so are ``0.0`` and
+``-0.0``). Arrays named in ``static_argnames`` (or found to be needed as
+values) are copied and keyed by their whole content.
+
+``record`` turns one call into a ``Call``: the model with its static values
+bound, the traced leaves, the static part and its key, the arguments' names,
+and (on demand) a digest of everything for checkpoints. The rest of the run
+reads the record; nothing splits or digests the arguments again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import jax
@@ -37,17 +45,39 @@ def is_data(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array | np.ndarray | np.generic | float | complex)
 
 
-def _key(value: Any) -> Any:
-    """A hashable stand-in for a static value (contents, not identity)."""
-    if isinstance(value, np.ndarray | jax.Array | np.generic):
+def static_key(value: Any) -> Hashable:
+    """The key of a static value: its type and value, arrays by content.
+
+    Floats by their bits (``-0.0`` and ``0.0`` apart, ``nan`` equal to
+    itself); the members of tuples and frozensets by type too, so
+    ``frozenset({1})`` and ``frozenset({1.0})`` differ.
+
+    Raises:
+        TypeError: ``value`` is neither an array nor hashable.
+    """
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
         return ("array", identity.array_digest(value))
-    try:
-        hash(value)
-    except TypeError:
-        return ("digest", identity.digest(value))
-    if type(value).__hash__ is object.__hash__:  # identity hash: use contents
-        return ("digest", identity.digest(value))
-    return (type(value).__qualname__, value)
+    if isinstance(value, float):
+        return (type(value), value.hex())
+    if isinstance(value, complex):
+        return (type(value), value.real.hex(), value.imag.hex())
+    if isinstance(value, tuple):
+        return (type(value), tuple(static_key(x) for x in value))
+    if isinstance(value, frozenset):
+        return (type(value), frozenset(static_key(x) for x in value))
+    hash(value)
+    return (type(value), value)
+
+
+def _kept(value: Any) -> Any:
+    """A static value as the programs keep it: arrays copied, read-only."""
+    if isinstance(value, jax.Array):
+        return np.asarray(value)
+    if isinstance(value, np.ndarray):
+        copy = np.array(value, copy=True)
+        copy.flags.writeable = False
+        return copy
+    return value
 
 
 def canonical(model: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -80,66 +110,10 @@ def canonical(model: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(positional), named
 
 
-def _positional_names(args: tuple) -> list[str]:
-    """The display name of each positional argument left after ``canonical``."""
-    return [f"args[{i}]" for i in range(len(args))]
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Model arguments split into data and static values.
-
-    Attributes:
-        args, kwargs: The data pytree; static leaves replaced by ``Static``.
-        values: The static values, by ``Static.index``.
-        names: Display name of each static value (``dim``, ``args[1]``).
-        key: Hashable description of the static values (for cache keys).
-    """
-
-    args: tuple
-    kwargs: dict
-    values: tuple
-    names: tuple[str, ...]
-    key: tuple
-
-
-def split(
-    model: Callable, args: tuple, kwargs: dict, static_names: Iterable[str] = ()
-) -> Split:
-    """Separate data from static values.
-
-    Args:
-        static_names: Argument names (parameter names, keyword names, or
-            ``args[i]``) whose whole value is static, arrays included.
-    """
-    static_names = set(static_names)
-    args, kwargs = canonical(model, args, kwargs)
-    positional = _positional_names(args)
-    values: list[Any] = []
-    names: list[str] = []
-
-    def visit(name: str, value: Any) -> Any:
-        whole = name in static_names
-
-        def leaf(path: Any, x: Any) -> Any:
-            if whole or not is_data(x):
-                values.append(np.asarray(x) if isinstance(x, jax.Array) else x)
-                names.append(name + jax.tree_util.keystr(path))
-                return Static(len(values) - 1)
-            return x
-
-        return jax.tree_util.tree_map_with_path(leaf, value)
-
-    new_args = tuple(visit(n, a) for n, a in zip(positional, args, strict=True))
-    new_kwargs = {k: visit(k, v) for k, v in kwargs.items()}
-    key = tuple(zip(names, (_key(v) for v in values), strict=True))
-    return Split(new_args, new_kwargs, tuple(values), tuple(names), key)
-
-
 class BoundModel:
     """``model`` with its static values put back in place of ``Static`` markers.
 
-    Equal (and hashing equal) for the same model and static values, so the
+    Equal (and hashing equal) for the same model and static key, so the
     program cache finds its programs again.
     """
 
@@ -171,6 +145,129 @@ class BoundModel:
         return hash((self.model, self.key))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """One call's model arguments, canonicalized once.
+
+    Attributes:
+        model: The user's model with the static values bound: what is traced,
+            and the model part of the program key.
+        args, kwargs: The traced part: data leaves, with ``Static`` markers
+            where static values sit.
+        values: The static values (arrays copied), by ``Static.index``.
+        names: Display name of each static value (``dim``, ``args[1]``).
+        key: Hashable ``(name, static_key)`` of each static value.
+        arguments: Name of every argument, in order (``y``, ``args[0]``).
+        passed: ``(args, kwargs)`` as ``run`` received them.
+        static_argnames: Arguments made static whole, arrays included.
+    """
+
+    model: BoundModel
+    args: tuple
+    kwargs: dict
+    values: tuple
+    names: tuple[str, ...]
+    key: tuple
+    arguments: tuple[str, ...]
+    passed: tuple[tuple, dict]
+    static_argnames: tuple[str, ...]
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of the arguments' names, structure and contents.
+
+        Static and traced values alike, so it does not depend on which are
+        static: ``a=50`` and ``b=50`` differ, and so do ``mask=None`` and no
+        ``mask``; a call by position and one by name agree.
+        """
+        return identity.tree_digest(canonical(self.model.model, *self.passed))
+
+    def data_arguments(self) -> list[str]:
+        """Names of the arguments that hold traced leaves, in order."""
+        values = (*self.args, *self.kwargs.values())
+        named = dict(zip(self.arguments, values, strict=True))
+        return [n for n, v in named.items() if jax.tree.leaves(v)]
+
+    def with_static(self, names: Iterable[str]) -> Call:
+        """The same call with the arguments ``names`` static as well."""
+        return record(self.model.model, *self.passed, (*self.static_argnames, *names))
+
+    def dataset(self, k: int) -> Call:
+        """The call for data set ``k`` of arguments stacked on a leading axis."""
+        one = jax.tree.map(
+            lambda x: x[k] if is_data(x) and np.ndim(x) else x, self.passed
+        )
+        return record(self.model.model, *one, self.static_argnames)
+
+
+def record(
+    model: Callable, args: tuple, kwargs: dict, static_argnames: Iterable[str] = ()
+) -> Call:
+    """Canonicalize ``model(*args, **kwargs)``: split data from static values.
+
+    Args:
+        static_argnames: Argument names (parameter names, keyword names, or
+            ``args[i]``) whose whole value is static, arrays included.
+
+    Raises:
+        TypeError: A static value is neither an array nor hashable.
+    """
+    static_argnames = tuple(static_argnames)
+    whole_static = set(static_argnames)
+    positional, named = canonical(model, args, kwargs)
+    arguments = (*(f"args[{i}]" for i in range(len(positional))), *named)
+    values: list[Any] = []
+    names: list[str] = []
+    keys: list[Hashable] = []
+
+    def visit(name: str, value: Any) -> Any:
+        whole = name in whole_static
+
+        def leaf(path: Any, x: Any) -> Any:
+            if not whole and is_data(x):
+                return x
+            where = name + jax.tree_util.keystr(path)
+            try:
+                keys.append(static_key(x))
+            except TypeError:
+                raise unhashable_error(model, where, x) from None
+            values.append(_kept(x))
+            names.append(where)
+            return Static(len(values) - 1)
+
+        return jax.tree_util.tree_map_with_path(leaf, value)
+
+    given = (*positional, *named.values())
+    data = [visit(n, v) for n, v in zip(arguments, given, strict=True)]
+    key = tuple(zip(names, keys, strict=True))
+    return Call(
+        model=BoundModel(model, tuple(values), key),
+        args=tuple(data[: len(positional)]),
+        kwargs=dict(zip(named, data[len(positional) :], strict=True)),
+        values=tuple(values),
+        names=tuple(names),
+        key=key,
+        arguments=arguments,
+        passed=(tuple(args), dict(kwargs)),
+        static_argnames=static_argnames,
+    )
+
+
+def unhashable_error(model: Callable, where: str, value: Any) -> TypeError:
+    """The error for a static value that cannot be a program's key."""
+    name = getattr(model, "__name__", "the model")
+    argument = where.split("[", 1)[0] if not where.startswith("args[") else "name"
+    return TypeError(
+        f"model argument {where} of {name} is a {type(value).__name__}, which is "
+        "neither an array nor hashable. Values that are not arrays or Python "
+        "floats are static: compiled into the program and compared by value, "
+        "which needs a hash (as jax.jit's static_argnames). Pass its numbers as "
+        "arrays (a dict or NamedTuple of arrays is data), make it hashable (e.g. "
+        "a frozen dataclass of Python values), or bind it to the model with "
+        f"functools.partial(model, {argument}=value)"
+    )
+
+
 NEEDS_VALUE = (
     jax.errors.ConcretizationTypeError,
     jax.errors.TracerArrayConversionError,
@@ -180,37 +277,65 @@ NEEDS_VALUE = (
 """JAX's errors for Python code that needs the value of a traced array."""
 
 
-def candidates(split_: Split) -> list[str]:
-    """Names of the arguments that hold data (arrays), in order."""
-    positional = _positional_names(split_.args)
-    out = [
-        n for n, a in zip(positional, split_.args, strict=True) if jax.tree.leaves(a)
-    ]
-    return out + [k for k, v in split_.kwargs.items() if jax.tree.leaves(v)]
+def find_static(call: Call, err: Exception, batched: bool) -> list[str]:
+    """The fewest data arguments whose values make the model traceable.
+
+    Call while handling ``err`` (one of ``NEEDS_VALUE``), raised by tracing
+    ``call.model``. The model is traced again with candidate arguments
+    static; it counts as helped when the retry fails no more in the same way.
+
+    Raises:
+        ``err`` itself, with its traceback and a note, when no argument helps
+        (the value is one the model samples or computes); ``TypeError``
+        naming the fixes when arguments help but the call is batched (data
+        sets differ, so their values cannot be compiled in).
+    """
+    from chainmesh.model import inspect_model
+
+    trial = call.dataset(0) if batched else call
+    todo = trial.data_arguments()
+
+    def helps(names: list[str]) -> bool:
+        static = trial.with_static(names)
+        try:
+            inspect_model(static.model, static.args, static.kwargs)
+        except NEEDS_VALUE:
+            return False
+        except Exception:  # past the value it needed: another error, seen later
+            return True
+        return True
+
+    found = next(([n] for n in todo if helps([n])), None)
+    if found is None and len(todo) > 1 and helps(todo):
+        found = list(todo)
+        for name in todo:
+            if helps([n for n in found if n != name]):
+                found.remove(name)
+    if found is None:
+        tried = (
+            f"making the data arguments {todo} static did not help: " if todo else ""
+        )
+        err.add_note(
+            f"chainmesh: {tried}the model needs the value of something it samples "
+            "or computes from sampled values while it is traced (e.g. Python `if` "
+            "on a sampled value); use jnp.where or jax.lax.cond there"
+        )
+        raise err
+    if batched:
+        raise batched_values_error(call.model, err, found) from err
+    return found
 
 
-def needs_value_error(model: Callable, err: Exception, tried: list[str]) -> TypeError:
-    """The one message for a model that needs the value of a traced argument."""
+def batched_values_error(
+    model: Callable, err: Exception, names: list[str]
+) -> TypeError:
+    """The error for a batched model that needs the values of data sets."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err)
     name = getattr(model, "__name__", "the model")
-    which = f" (making {tried} static did not help)" if tried else ""
     return TypeError(
-        f"{name} needs the value of a traced argument{which}: {first}. Model "
-        "arguments that are arrays are data of the compiled program, their "
-        "values unknown while it is built. Fixes: pass the values it needs as "
-        "Python ints (sizes, counts) computed outside the model; or "
-        "Sampler(..., static_argnames=('name',)) to compile the array's value "
-        "into the program (a new value compiles again); or bind it with "
-        "functools.partial(model, name=value)"
-    )
-
-
-def describable(tree: Any) -> Any:
-    """``tree`` with every static value replaced by its stable description.
-
-    For checkpoint manifests: arrays stay (they are digested by content),
-    other values become JSON text without memory addresses.
-    """
-    return jax.tree.map(
-        lambda x: x if is_data(x) else json.dumps(identity.describe(x)), tree
+        f"{name} needs the values of {names} while it is traced: {first}. Every "
+        "data set runs in one program, so their values cannot be compiled in. "
+        "Compute what the model needs from them (e.g. a size, as a Python int) "
+        "outside the model and pass that instead, or bind a value shared by "
+        "every data set with functools.partial(model, name=value)"
     )

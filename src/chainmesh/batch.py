@@ -126,9 +126,9 @@ class BatchSampler(Sampler):
         Raises:
             ValueError: An argument without the leading data-set axis.
         """
-        args, kwargs = as_program_args(args, kwargs)
-        args, kwargs = self._stacked((args, kwargs))
-        out, extra, stats = self._sample(seed, args, kwargs, init_params, resume)
+        args, kwargs = self._stacked(as_program_args(args, kwargs))
+        call = self._record(args, kwargs)
+        out, extra, stats = self._sample(seed, call, init_params, resume)
         results = [
             Result(
                 {n: v[k] for n, v in out.draws.items()},

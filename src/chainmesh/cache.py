@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax._src import config as jax_config
 
 
 def signature(tree: Any) -> tuple:
@@ -27,7 +28,8 @@ def program_key(
 
     The model, the config fields that enter the programs, the data's
     signature, the mesh (devices named by platform and id: ``cuda:0`` and
-    ``cpu:0`` differ), the chain layout and the x64 mode.
+    ``cpu:0`` differ), the chain layout and every JAX setting that changes
+    tracing (``trace_context``).
     """
     c = config
     static = (
@@ -41,12 +43,34 @@ def program_key(
         c.lanes,
         c.kernel,
         c.adapt,
+        c.metric,
     )
     devices = tuple((d.platform, d.id) for d in mesh.devices.flat)
     layout = (mesh.axis_names, mesh.devices.shape, devices)
     chains = (plan.total_chains, plan.chains_per_device)
-    x64 = bool(jax.config.jax_enable_x64)
-    return (model, static, data_signature, layout, chains, x64)
+    return (model, static, data_signature, layout, chains, trace_context())
+
+
+def trace_context() -> tuple:
+    """The JAX settings that change how a function traces (x64, PRNG, ...).
+
+    JAX's own key for its jit caches where JAX exposes it, so a flag added to
+    JAX is in the key too; otherwise the settings known to change tracing.
+    """
+    context = getattr(jax_config, "trace_context", None)
+    if context is not None:
+        return ("jax", context())
+    names = (
+        "jax_enable_x64",
+        "jax_threefry_partitionable",
+        "jax_default_matmul_precision",
+        "jax_numpy_rank_promotion",
+        "jax_numpy_dtype_promotion",
+        "jax_default_prng_impl",
+        "jax_softmax_custom_jvp",
+        "jax_dynamic_shapes",
+    )
+    return ("flags", tuple(getattr(jax.config, n, None) for n in names))
 
 
 class ProgramCache:

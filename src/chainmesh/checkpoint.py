@@ -31,7 +31,7 @@ from chainmesh import identity
 from chainmesh.store import FileStore, MemoryStore, NullStore
 
 FILE = "checkpoint.npz"
-FORMAT = 3
+FORMAT = 4
 
 
 class Saved(NamedTuple):
@@ -42,11 +42,6 @@ class Saved(NamedTuple):
     state: list[np.ndarray]
     draws: dict[str, np.ndarray]
     extra: dict[str, np.ndarray]
-
-
-def data_digest(tree: Any) -> str:
-    """SHA-256 of the data's bytes, shapes and dtypes (to refuse other data)."""
-    return identity.digest([np.asarray(x) for x in jax.tree.leaves(tree)])
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -202,13 +197,17 @@ def restore_state(template: Any, leaves: list[np.ndarray]) -> Any:
 
 
 def manifest(
-    model: Any, config: Any, plan: Any, key: Any, data: Any, init_params: Any
+    model: Any, config: Any, plan: Any, key: Any, data: str, init_params: Any
 ) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed (JSON values only).
 
     The model and a callable ``init_strategy`` are identified by qualified name
     and a digest of their code and constants (``identity``), never by
     ``repr``, which holds memory addresses.
+
+    Args:
+        data: The digest of the model arguments (``arguments.Call.digest``):
+            their names and structure as well as their values.
     """
     import numpyro
 
@@ -232,8 +231,8 @@ def manifest(
         "config": fields,
         "plan": str(plan),
         "seed": np.asarray(key).tolist(),
-        "data": data_digest(data),
-        "init_params": data_digest(init_params or {}),
+        "data": data,
+        "init_params": identity.tree_digest(init_params or {}),
     }
     return json.loads(json.dumps(current))  # as it reads back from a file
 

@@ -73,13 +73,13 @@ def local_sites(model: Callable, args: tuple, kwargs: dict) -> frozenset[str]:
     Such a site holds one value per data row (a local latent): it lives in one
     shard only. The rows are the leading axis of the first array argument.
     """
-    split = arguments.split(model, args, kwargs)
-    leaves = [x for x in jax.tree.leaves((split.args, split.kwargs)) if np.ndim(x)]
+    call = arguments.record(model, args, kwargs)
+    leaves = [x for x in jax.tree.leaves((call.args, call.kwargs)) if np.ndim(x)]
     if not leaves:
         return frozenset()
     rows = np.shape(leaves[0])[0]
     found: set[str] = set()
-    bound = arguments.BoundModel(model, split.values, split.key)
+    bound = call.model
 
     def record(a: tuple, k: dict) -> None:
         traced = substitute(seed(bound, rng_seed=0), substitute_fn=init_to_uniform)
@@ -89,7 +89,7 @@ def local_sites(model: Callable, args: tuple, kwargs: dict) -> frozenset[str]:
             if any(f.size == rows for f in site["cond_indep_stack"]):
                 found.add(name)
 
-    specs = jax.tree.map(_spec, (split.args, split.kwargs))
+    specs = jax.tree.map(_spec, (call.args, call.kwargs))
     with COMPILE_LOCK:
         jax.eval_shape(record, *specs)
     return frozenset(found)

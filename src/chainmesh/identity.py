@@ -4,8 +4,11 @@ A checkpoint may only be resumed by the same computation. ``repr`` cannot say
 so: it holds memory addresses (another process never matches) and ignores a
 function's body (an edited model matches). ``describe`` turns a value into
 JSON that is the same in every process for the same code and constants:
-functions by qualified name plus a digest of their code, ``functools.partial``
-by function and arguments, arrays by a digest of their bytes.
+functions by qualified name plus a digest of their code, classes by name and
+the code of their methods, other objects by class and attributes (``__dict__``
+and ``__slots__``; a repr only for objects without either),
+``functools.partial`` by function and arguments, arrays by a digest of their
+bytes.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def describe(value: Any, _seen: frozenset[int] = frozenset()) -> Any:
         return ["code", _code(value)]
     if isinstance(value, types.ModuleType):
         return ["module", value.__name__]
+    if isinstance(value, type) and value.__module__ != "builtins":
+        return ["class", name(value), _class(value, seen)]
     if isinstance(value, type | types.BuiltinFunctionType):
         return ["name", name(value)]
     if isinstance(value, list | tuple | set | frozenset):
@@ -102,14 +107,55 @@ def describe(value: Any, _seen: frozenset[int] = frozenset()) -> Any:
     if isinstance(value, dict):
         items = [[describe(k, seen), describe(v, seen)] for k, v in value.items()]
         return [name(value), sorted(items, key=json.dumps)]
-    state = getattr(value, "__dict__", None)
-    if isinstance(state, dict) and type(value).__repr__ is object.__repr__:
-        return ["object", name(value), describe(state, seen)]
+    state = _state(value)
+    if state is not None:  # by content and code, never by a repr
+        return ["object", describe(type(value), seen), describe(state, seen)]
     try:
         text = _ADDRESS.sub("", repr(value))
     except Exception:  # a broken __repr__ must not stop a checkpointed run
         text = "?"
     return ["repr", name(value), text]
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 of a pytree's structure (names, None entries) and its leaves."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    structure = _ADDRESS.sub("", str(treedef))
+    described = [[jax.tree_util.keystr(p), describe(x)] for p, x in leaves]
+    return digest([structure, described])
+
+
+def _state(value: Any) -> dict[str, Any] | None:
+    """An object's attributes (``__dict__`` and ``__slots__``), or None."""
+    state = getattr(value, "__dict__", None)
+    state = dict(state) if isinstance(state, dict) else None
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                state = state or {}
+                state[f"{cls.__qualname__}.{slot}"] = getattr(value, slot)
+    return state
+
+
+def _class(cls: type, seen: frozenset[int]) -> str:
+    """Digest of a class's code: its methods and plain constants, and its bases'."""
+    parts = []
+    for base in cls.__mro__:
+        if base.__module__ == "builtins":
+            continue
+        for key, attr in sorted(vars(base).items()):
+            if isinstance(attr, staticmethod | classmethod):
+                attr = attr.__func__
+            if isinstance(attr, property):
+                attr = [attr.fget, attr.fset, attr.fdel]
+            elif not isinstance(attr, (types.FunctionType, *_PLAIN, float, tuple)):
+                continue
+            if key not in ("__module__", "__qualname__", "__doc__"):
+                parts.append([name(base), key, describe(attr, seen)])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _is_jax_array(value: Any) -> bool:

@@ -169,6 +169,12 @@ class Sampler:
         model = self.model if model is None else model
         return program_key(model, self.config, self.mesh, self.plan, data_signature)
 
+    def _record(self, args: tuple, kwargs: dict) -> arguments.Call:
+        """The call's arguments canonicalized once: static part, data, digest."""
+        args, kwargs = as_program_args(args, kwargs)
+        static = (*self.config.static_argnames, *self._auto_static)
+        return arguments.record(self.model, args, kwargs, static)
+
     def run(
         self,
         seed: int | jax.Array = 0,
@@ -192,8 +198,9 @@ class Sampler:
         Returns:
             The draws of ``num_chains`` chains with extra fields and stats.
         """
-        args, kwargs = as_program_args(args, kwargs)
-        out, extra, stats = self._sample(seed, args, kwargs, init_params, resume)
+        call = self._record(args, kwargs)
+        out, extra, stats = self._sample(seed, call, init_params, resume)
+        args, kwargs = call.passed
         return Result(
             out.draws,
             extra,
@@ -219,15 +226,14 @@ class Sampler:
         Same arguments as ``run``. The leading axis holds all chains that run,
         padding chains last; ``state.z`` is in unconstrained space.
         """
-        args, kwargs = as_program_args(args, kwargs)
-        return start(self, seed, args, kwargs, init_params).state
+        return start(self, seed, self._record(args, kwargs), init_params).state
 
     def _sample(
-        self, seed: Any, args: tuple, kwargs: dict, init_params: Any, resume: bool
+        self, seed: Any, call: arguments.Call, init_params: Any, resume: bool
     ) -> tuple[RunOutput, dict, dict]:
         """Init, then every chunk: the whole run on converted arguments."""
         loaded = persistent.hits()
-        started = start(self, seed, args, kwargs, init_params)
+        started = start(self, seed, call, init_params)
         programs, data, state = started.programs, started.data, started.state
         config, mesh = self.config, self.mesh
         compile_s, compilations = started.compile_s, started.compilations
@@ -244,7 +250,7 @@ class Sampler:
                 config,
                 self.plan,
                 root_key(seed),
-                arguments.describable((args, kwargs)),
+                call.digest,
                 init_params,
             )
             progress, state, save = checkpoint.attach(

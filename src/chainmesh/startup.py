@@ -41,34 +41,30 @@ class Started(NamedTuple):
 
 
 def _programs(
-    sampler: Any, args: tuple, kwargs: dict
-) -> tuple[Programs, tuple, Any, arguments.BoundModel]:
-    """Split, place, look up (or inspect and build) the programs.
+    sampler: Any, call: arguments.Call
+) -> tuple[Programs, tuple, arguments.Call, arguments.BoundModel]:
+    """Place the call's data, look up (or inspect and build) the programs.
 
-    Returns ``(programs, placed data, split, bound model)``. A model that
+    Returns ``(programs, placed data, call, bound model)``. A model that
     needs an array argument's value while it is traced is retried with that
-    argument static (once per sampler, with a warning); if nothing helps, one
-    ``TypeError`` names the fixes.
+    argument static (once per sampler, with a warning); if nothing helps, the
+    model's own error is raised (``arguments.find_static``).
     """
     config, mesh = sampler.config, sampler.mesh
-    names = (*config.static_argnames, *sampler._auto_static)
     if config.check_data:
-        check_finite(args, kwargs)  # as the user passed them, for the names
-    split = arguments.split(sampler.model, args, kwargs, names)
+        check_finite(*call.passed)  # as the user passed them, for the names
     place = placement.shard_data if sampler._batched else placement.replicate
-    data = place((split.args, split.kwargs), mesh)
-    bound = arguments.BoundModel(sampler.model, split.values, split.key)
+    data = place((call.args, call.kwargs), mesh)
+    bound = call.model
     key = sampler._cache_key(signature(data), bound)
     with COMPILE_LOCK:
         programs = CACHE.get(key)
         if programs is not None:
-            return programs, data, split, bound
+            return programs, data, call, bound
         try:
             info = inspect_model(bound, *sampler._one_dataset(data))
         except arguments.NEEDS_VALUE as err:
-            if sampler._batched:
-                raise arguments.needs_value_error(sampler.model, err, []) from None
-            found = _find_static(sampler, args, kwargs, split, err)
+            found = arguments.find_static(call, err, sampler._batched)
             sampler._auto_static = (*sampler._auto_static, *found)
             warnings.warn(
                 f"{getattr(sampler.model, '__name__', 'the model')} needs the "
@@ -79,14 +75,14 @@ def _programs(
                 UserWarning,
                 stacklevel=5,
             )
-            return _programs(sampler, args, kwargs)
+            return _programs(sampler, call.with_static(found))
         except Exception as err:
-            _note_static(err, split)
+            _note_static(err, call)
             raise
         kernel = build_kernel(prepared(bound, info), config, info)
         programs = Programs(info=info, kernel=kernel)
         CACHE.put(key, programs)
-    return programs, data, split, bound
+    return programs, data, call, bound
 
 
 def _note_static(err: Exception, split: Any) -> None:
@@ -99,47 +95,15 @@ def _note_static(err: Exception, split: Any) -> None:
         )
 
 
-def _find_static(
-    sampler: Any, args: tuple, kwargs: dict, split: Any, err: Exception
-) -> list[str]:
-    """The fewest data arguments whose values make the model traceable."""
-    known = (*sampler.config.static_argnames, *sampler._auto_static)
-    todo = arguments.candidates(split)
-
-    def traces(names: list[str]) -> bool:
-        trial = arguments.split(sampler.model, args, kwargs, (*known, *names))
-        bound = arguments.BoundModel(sampler.model, trial.values, trial.key)
-        try:
-            inspect_model(bound, trial.args, trial.kwargs)
-        except Exception:  # still not traceable, or failing in another way
-            return False
-        return True
-
-    for name in todo:
-        if traces([name]):
-            return [name]
-    if todo and traces(todo):
-        needed = list(todo)
-        for name in todo:
-            if traces([n for n in needed if n != name]):
-                needed.remove(name)
-        return needed
-    error = arguments.needs_value_error(sampler.model, err, todo)
-    _note_static(error, split)
-    raise error from None
-
-
-def start(
-    sampler: Any, seed: Any, args: tuple, kwargs: dict, init_params: Any
-) -> Started:
-    """Validate and place the data, find or build the programs, run init."""
+def start(sampler: Any, seed: Any, call: arguments.Call, init_params: Any) -> Started:
+    """Validate and place the call's data, find or build the programs, run init."""
     config, plan, mesh = sampler.config, sampler.plan, sampler.mesh
     if config.init_strategy == "init_to_value" and init_params is None:
         raise ValueError(
             "init_strategy='init_to_value' needs init_params (site name -> "
             "value); pass them, or choose another init_strategy"
         )
-    programs, data, split, bound = _programs(sampler, args, kwargs)
+    programs, data, split, bound = _programs(sampler, call)
     sampler.info = programs.info
     dtype = np.dtype(jax.numpy.result_type(float))
     values = layout_init_params(
