@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return distributed.main(argv[1:])
     if argv[:1] == ["bench"]:  # loaded only when asked for
+        if any(a == "--suite" or a.startswith("--suite=") for a in argv[1:]):
+            from chainmesh.bench import suite
+
+            return suite.main(argv[1:])
         from chainmesh.bench import runner
 
         return runner.main(argv[1:])
@@ -106,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _demo_parser(sub)
     sub.add_parser(
         "bench",
-        help="benchmark chainmesh against NumPyro (chainmesh bench --help)",
+        help="benchmark chainmesh against NumPyro (chainmesh bench --help); "
+        "--suite posteriordb|models scores every configuration and peer on "
+        "every posterior (chainmesh bench --suite posteriordb --help)",
     )
     sub.add_parser(
         "launch",

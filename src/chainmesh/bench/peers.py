@@ -1,19 +1,24 @@
-"""Peer samplers outside NumPyro, measured like the others (``bench`` extra).
+"""BlackJAX peer samplers, measured like the others (``bench`` extra).
+
+Both are written as a careful user would: the model's unconstrained potential
+from NumPyro, data as ``jit`` arguments (a warm call on new data does not
+recompile), chains vectorized on the default device, NumPyro's
+``init_to_median`` per chain, warmup and sampling as two programs so the
+sampling phase is timed alone.
 
 ``blackjax_chees``: ``blackjax.chees_adaptation`` (ChEES with Adam, identity
 metric, Halton jitter) followed by ``blackjax.dynamic_hmc`` with the adapted
-step size and trajectory length, written as a careful user would: the model's
-unconstrained potential from NumPyro, data as ``jit`` arguments (a warm call
-on new data does not recompile), chains vectorized on the default device,
-NumPyro's ``init_to_median`` per chain, warmup and sampling as two programs so
-the sampling phase is timed alone.
+step size and trajectory length. ``blackjax_nuts``: ``blackjax.window_adaptation``
+(Stan's windows) per chain, then ``blackjax.nuts`` with each chain's step size
+and metric.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +42,35 @@ left one step per transition. These two constants are the best of that grid.
 """
 
 
-def run_blackjax_chees(job: dict, worker: Any) -> dict:
-    """Cold and warm calls of BlackJAX ChEES, with the chainmesh metrics.
+class PeerDraws(NamedTuple):
+    """What one call of a peer sampler returns.
 
-    Args:
-        job: The benchmark job (model, chains, warmup, samples, seed).
-        worker: The running ``chainmesh.bench.worker`` module (its meters).
+    Attributes:
+        samples: Site -> ``(chains, draws, ...)`` constrained draws.
+        steps_warmup: ``(chains, warmup)`` leapfrog steps (gradients).
+        steps_sampling: ``(chains, draws)`` leapfrog steps.
+        diverging: ``(chains, draws)`` divergent transitions.
+        sampling_s: Seconds of the sampling program alone.
     """
-    import blackjax
-    import optax
+
+    samples: dict
+    steps_warmup: np.ndarray
+    steps_sampling: np.ndarray
+    diverging: np.ndarray
+    sampling_s: float
+
+
+class Potential(NamedTuple):
+    """A NumPyro model's unconstrained log density, inits and constraints."""
+
+    logdensity: Callable[[tuple, dict], jax.Array]
+    init: Callable[[jax.Array, tuple], dict]
+    postprocess: Callable[[tuple], Callable[[dict], dict]]
+
+
+def numpyro_potential(model: Callable, args: tuple, chains: int) -> Potential:
+    """The potential every peer samples: data as arguments, NumPyro's
+    ``init_to_median`` per chain, constrained values plus deterministics."""
     from numpyro.infer import init_to_median
     from numpyro.infer.util import (
         find_valid_initial_params,
@@ -55,16 +80,10 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
 
     from chainmesh.model import postprocess_fn
 
-    model = bench_data(job["model"], 0).model
-    chains, warmup, samples = job["chains"], job["warmup"], job["samples"]
-    bits = int(np.ceil(np.log2(warmup + samples)))
-
     def logdensity(args: tuple, z: dict) -> jax.Array:
         return -potential_energy(model, args, {}, z)
 
-    prototype = initialize_model(
-        jax.random.key(0), model, model_args=bench_data(job["model"], 0).args
-    ).param_info.z
+    prototype = initialize_model(jax.random.key(0), model, model_args=args).param_info.z
 
     @jax.jit
     def init(key: jax.Array, args: tuple) -> dict:
@@ -80,10 +99,67 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
 
         return jax.vmap(one)(jax.random.split(key, chains))
 
+    return Potential(logdensity, init, lambda args: postprocess_fn(model, args, {}))
+
+
+def _sampling_program(
+    potential: Potential, samples: int, chains: int, step: Callable
+) -> Callable:
+    """``(key, carry, args) -> (draws, steps, divergent)``: ``samples`` draws of
+    ``step(key, carry, logdensity) -> (carry, info)`` vmapped over chains,
+    where ``carry`` is a chain's ``(state, kernel parameters)``."""
+
+    def run(key, carry, args):
+        logdensity = partial(potential.logdensity, args)
+        post = potential.postprocess(args)
+
+        def one(carry, k):
+            carry, info = jax.vmap(step, in_axes=(0, 0, None))(
+                jax.random.split(k, chains), carry, logdensity
+            )
+            return carry, (jax.vmap(post)(carry[0].position), info)
+
+        _, (draws, info) = jax.lax.scan(one, carry, jax.random.split(key, samples))
+        swap = partial(jnp.swapaxes, axis1=0, axis2=1)
+        return (
+            jax.tree.map(swap, draws),
+            swap(info.num_integration_steps),
+            swap(info.is_divergent),
+        )
+
+    return run
+
+
+def _timed_call(
+    warm: Callable, sample: Callable, potential: Potential, seed: int, args: tuple
+) -> PeerDraws:
+    """Warmup, then the sampling program timed alone."""
+    k_init, k_warm, k_sample = jax.random.split(jax.random.key(seed), 3)
+    carry, steps_warmup = warm(k_warm, potential.init(k_init, args), args)
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    draws, steps, divergent = jax.device_get(sample(k_sample, carry, args))
+    seconds = time.perf_counter() - t0
+    steps_warmup = np.asarray(jax.device_get(steps_warmup)).T  # (chains, warmup)
+    return PeerDraws(draws, steps_warmup, steps, divergent, seconds)
+
+
+def blackjax_chees(
+    model: Callable, args: tuple, chains: int, warmup: int, samples: int
+) -> Callable[[int, tuple], PeerDraws]:
+    """BlackJAX ChEES: ``call(seed, args) -> PeerDraws`` (data as arguments)."""
+    import blackjax
+    import optax
+
+    potential = numpyro_potential(model, args, chains)
+    bits = int(np.ceil(np.log2(warmup + samples)))
+
     @jax.jit
     def warm(key: jax.Array, positions: dict, args: tuple) -> tuple:
-        adaptation = blackjax.chees_adaptation(partial(logdensity, args), chains)
-        (states, params), _ = adaptation.run(
+        adaptation = blackjax.chees_adaptation(
+            partial(potential.logdensity, args), chains
+        )
+        (states, params), info = adaptation.run(
             key,
             positions,
             step_size=INITIAL_STEP_SIZE,
@@ -99,47 +175,86 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
         inverse_mass = jnp.broadcast_to(
             jnp.asarray(params["inverse_mass_matrix"]), (_size(positions),)
         )
-        return states, params["step_size"], adjusted, inverse_mass
+        kernel = (params["step_size"], adjusted, inverse_mass)
+        kernels = jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (chains, *x.shape)), kernel
+        )
+        return (states, kernels), info.info.num_integration_steps
 
-    @jax.jit
-    def sample(key, states, step_size, steps, inverse_mass, args: tuple):
-        kernel = blackjax.dynamic_hmc(
-            partial(logdensity, args),
-            step_size=step_size,
-            inverse_mass_matrix=inverse_mass,
+    def step(k, carry, logdensity):
+        state, (step_size, steps, inverse_mass) = carry
+        hmc = blackjax.dynamic_hmc.build_kernel(
             next_random_arg_fn=lambda i: i + 1,
             integration_steps_fn=lambda i: steps[i],
         )
-        post = postprocess_fn(model, args, {})
+        state, info = hmc(k, state, logdensity, step_size, inverse_mass)
+        return (state, carry[1]), info
 
-        def one(states, k):
-            keys = jax.random.split(k, chains)
-            states, info = jax.vmap(kernel.step)(keys, states)
-            return states, (jax.vmap(post)(states.position), info)
+    sample = jax.jit(_sampling_program(potential, samples, chains, step))
+    return partial(_timed_call, warm, sample, potential)
 
-        _, (draws, info) = jax.lax.scan(one, states, jax.random.split(key, samples))
-        swap = partial(jnp.swapaxes, axis1=0, axis2=1)
-        return (
-            jax.tree.map(swap, draws),
-            swap(info.num_integration_steps),
-            swap(info.is_divergent),
-        )
 
-    def call(seed: int, args: tuple) -> tuple:
-        key = jax.random.key(seed)
-        k_init, k_warm, k_sample = jax.random.split(key, 3)
-        states, eps, steps, inverse_mass = warm(k_warm, init(k_init, args), args)
-        jax.block_until_ready(states)
-        t0 = time.perf_counter()
-        out = jax.device_get(sample(k_sample, states, eps, steps, inverse_mass, args))
-        return out, time.perf_counter() - t0
+def blackjax_nuts(
+    model: Callable,
+    args: tuple,
+    chains: int,
+    warmup: int,
+    samples: int,
+    dense_mass: bool = False,
+    target_accept_prob: float = 0.8,
+) -> Callable[[int, tuple], PeerDraws]:
+    """BlackJAX NUTS after ``window_adaptation``, each chain adapting its own
+    step size and metric (as NumPyro and Stan do): ``call(seed, args)``."""
+    import blackjax
 
+    potential = numpyro_potential(model, args, chains)
+
+    @jax.jit
+    def warm(key: jax.Array, positions: dict, args: tuple) -> tuple:
+        def one(k, position):
+            adaptation = blackjax.window_adaptation(
+                blackjax.nuts,
+                partial(potential.logdensity, args),
+                is_mass_matrix_diagonal=not dense_mass,
+                target_acceptance_rate=target_accept_prob,
+            )
+            (state, params), info = adaptation.run(k, position, num_steps=warmup)
+            kernel = (params["step_size"], params["inverse_mass_matrix"])
+            return state, kernel, info.info.num_integration_steps
+
+        keys = jax.random.split(key, chains)
+        states, kernels, steps = jax.vmap(one)(keys, positions)
+        return (states, kernels), steps.T  # (warmup, chains), as ChEES's
+
+    nuts = blackjax.nuts.build_kernel()
+
+    def step(k, carry, logdensity):
+        state, (step_size, inverse_mass) = carry
+        state, info = nuts(k, state, logdensity, step_size, inverse_mass)
+        return (state, carry[1]), info
+
+    sample = jax.jit(_sampling_program(potential, samples, chains, step))
+    return partial(_timed_call, warm, sample, potential)
+
+
+def run_blackjax_chees(job: dict, worker: Any) -> dict:
+    """Cold and warm calls of BlackJAX ChEES, with the chainmesh metrics.
+
+    Args:
+        job: The benchmark job (model, chains, warmup, samples, seed).
+        worker: The running ``chainmesh.bench.worker`` module (its meters).
+    """
+    chains, samples = job["chains"], job["samples"]
+    cold_data = bench_data(job["model"], 0)
+    call = blackjax_chees(
+        cold_data.model, cold_data.args, chains, job["warmup"], samples
+    )
     with worker.measure() as cold:
-        call(job["seed"], bench_data(job["model"], 0).args)
+        call(job["seed"], cold_data.args)
     args = bench_data(job["model"], 1).args
     with worker.measure() as warm_call:
-        (draws, num_steps, diverging), sampling_s = call(job["seed"] + 1, args)
-    metrics = worker.draw_metrics(draws, num_steps, diverging)
+        out = call(job["seed"] + 1, args)
+    metrics = worker.draw_metrics(out.samples, out.steps_sampling, out.diverging)
     return worker._rates(
         {
             "cold_wall_s": cold.wall_s,
@@ -149,8 +264,8 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
             "sampling_source": "BlackJAX sampling program of a warm call",
             **worker._call_metrics(warm_call, metrics),
             "leapfrog_executed": metrics["leapfrog_useful"],
-            "sampling_s": sampling_s,
-            "sampling_useful": int(np.sum(num_steps)),
+            "sampling_s": out.sampling_s,
+            "sampling_useful": int(np.sum(out.steps_sampling)),
         }
     )
 
@@ -158,3 +273,8 @@ def run_blackjax_chees(job: dict, worker: Any) -> dict:
 def _size(tree: Any) -> int:
     """Coordinates of one chain's position (leaves carry the chain axis)."""
     return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(tree))
+
+
+def _per_chain(chains: int, x: jax.Array) -> jax.Array:
+    """``x`` repeated along a new leading chain axis."""
+    return jnp.broadcast_to(x, (chains, *jnp.shape(x)))

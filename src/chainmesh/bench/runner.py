@@ -106,9 +106,12 @@ def worker_env(devices: int, single_thread: bool) -> dict[str, str]:
     return env
 
 
-def run_worker(job: dict, env: dict[str, str], timeout: float) -> dict:
-    """Run one job in a fresh process; return its status and metrics."""
-    cmd = [sys.executable, "-m", "chainmesh.bench.worker", "--json-args"]
+def run_worker(
+    job: dict, env: dict[str, str], timeout: float, module: str = "worker"
+) -> dict:
+    """Run one job in a fresh ``chainmesh.bench.<module>`` process; return its
+    status and metrics."""
+    cmd = [sys.executable, "-m", f"chainmesh.bench.{module}", "--json-args"]
     try:
         proc = subprocess.run(
             [*cmd, json.dumps(job)],
