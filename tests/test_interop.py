@@ -1,6 +1,8 @@
 """The NumPyro + ArviZ ecosystem: to_arviz, chain_method, Predictive, plots."""
 
+import dataclasses
 import sys
+import threading
 import warnings
 
 import jax
@@ -15,6 +17,7 @@ from numpyro.infer import MCMC, NUTS, Predictive
 
 import chainmesh as cm
 from chainmesh.arviz_io import STAT_NAMES, model_dims
+from chainmesh.cache import COMPILE_LOCK
 from chainmesh.examples import eight_schools_data
 from chainmesh.mesh import CHAIN
 
@@ -117,6 +120,32 @@ def test_predictive_and_arviz_posterior_predictive(schools):
     assert np.isfinite(loo.elpd_loo)
     with pytest.raises(ValueError, match="one value per draw"):
         result.to_arviz(posterior_predictive={"y": np.zeros((5, 8))})
+
+
+def test_to_arviz_traces_the_model_under_the_compile_lock(schools):
+    """NumPyro's handler stack is process-wide: to_arviz traces the model only
+    while it holds COMPILE_LOCK, so it waits for a thread that holds the lock
+    (here the test's own) and traces once the lock is free."""
+    example, result = schools
+    traced = threading.Event()
+
+    def model(*args, **kwargs):
+        traced.set()
+        return example.model(*args, **kwargs)
+
+    result = dataclasses.replace(result, model=model)
+    out = {}
+    worker = threading.Thread(
+        target=lambda: out.update(idata=result.to_arviz(log_likelihood=True)),
+        daemon=True,
+    )
+    with COMPILE_LOCK:
+        worker.start()
+        traced_while_held = traced.wait(timeout=3)
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert not traced_while_held and traced.is_set()
+    assert {"observed_data", "log_likelihood"} <= set(out["idata"].groups())
 
 
 def test_to_arviz_without_arviz_names_the_extra(schools, monkeypatch):

@@ -18,6 +18,8 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import log_likelihood as numpyro_log_likelihood
 from numpyro.infer.initialization import init_to_uniform
 
+from chainmesh.cache import COMPILE_LOCK
+
 if TYPE_CHECKING:
     from arviz import InferenceData
 
@@ -163,16 +165,20 @@ def to_arviz(
     }
     site_dims: dict[str, list[str | None]] = {}
     if result.model is not None:
-        model_trace = _trace(result.model, result.model_args, result.model_kwargs)
+        # NumPyro's handler stack is global: trace only under the lock that
+        # every other trace in the process holds.
+        with COMPILE_LOCK:
+            model_trace = _trace(result.model, result.model_args, result.model_kwargs)
         site_dims = model_dims(model_trace)
         observed = _observed_data(model_trace)
         if observed:
             groups["observed_data"] = observed
         if log_likelihood:
             flat = result.get_samples(group_by_chain=False)
-            pointwise = numpyro_log_likelihood(
-                result.model, flat, *result.model_args, **result.model_kwargs
-            )
+            with COMPILE_LOCK:
+                pointwise = numpyro_log_likelihood(
+                    result.model, flat, *result.model_args, **result.model_kwargs
+                )
             groups["log_likelihood"] = {
                 k: _by_chain(k, v, result.num_chains, result.num_draws)
                 for k, v in pointwise.items()
