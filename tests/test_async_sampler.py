@@ -52,7 +52,7 @@ def test_async_draws_equal_map_in_float64():
                     getattr(runs[name], group)[k], x, rtol=1e-8, atol=1e-10,
                     err_msg=f"{name} {group}.{k}",
                 )  # fmt: skip
-    assert_same_draws(runs["async"], runs["async3"])  # lanes never change draws
+    assert_same_draws(runs["async"], runs["async3"])  # warmup in one chunk
     assert runs["async"].stats["leapfrog_steps"] == ref.stats["leapfrog_steps"]
 
 
