@@ -74,36 +74,43 @@ def trace_context() -> tuple:
 
 
 class ProgramCache:
-    """A small LRU of compiled programs, keyed by everything they depend on."""
+    """A small LRU of compiled programs, keyed by everything they depend on.
+
+    Safe to use from several threads: its own lock guards the entries only
+    (never a compile), so a warm lookup never waits for ``COMPILE_LOCK``.
+    """
 
     def __init__(self, maxsize: int = 16) -> None:
         self.maxsize = maxsize
         self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
         """The programs for ``key``, marked as recently used, or None."""
-        programs = self._entries.get(key)
-        if programs is not None:
-            self._entries.move_to_end(key)
-        return programs
+        with self._lock:
+            programs = self._entries.get(key)
+            if programs is not None:
+                self._entries.move_to_end(key)
+            return programs
 
     def put(self, key: Any, programs: Any) -> None:
         """Store ``programs``; drop the least recently used beyond ``maxsize``."""
-        self._entries[key] = programs
-        while len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = programs
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
 
     def clear(self, model: Callable | None = None) -> None:
         """Drop every entry, or only those of ``model``."""
-        if model is None:
-            self._entries.clear()
-            return
 
         def model_of(key: Any) -> Any:  # a BoundModel wraps the user's model
             return getattr(key[0], "model", key[0])
 
-        for key in [k for k in self._entries if model_of(k) == model]:
-            del self._entries[key]
+        with self._lock:
+            if model is None:
+                self._entries.clear()
+            for key in [k for k in self._entries if model_of(k) == model]:
+                del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,6 +124,7 @@ COMPILE_LOCK = threading.RLock()
 
 NumPyro's effect handlers live on one global stack, so two threads tracing
 models at once corrupt each other's traces. Tracing and compilation hold this
-lock (two threads asking for the same program compile it once); running a
-compiled program does not, so warm calls from many threads run concurrently.
+lock (two threads asking for the same program compile it once); looking a
+program up and running it do not, so warm calls from many threads run
+concurrently, also while another thread compiles.
 """

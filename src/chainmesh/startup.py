@@ -57,8 +57,11 @@ def _programs(
     data = place((call.args, call.kwargs), mesh)
     bound = call.model
     key = sampler._cache_key(signature(data), bound)
+    programs = CACHE.get(key)  # a warm call never waits for another's compile
+    if programs is not None:
+        return programs, data, call, bound
     with COMPILE_LOCK:
-        programs = CACHE.get(key)
+        programs = CACHE.get(key)  # compiled while this thread waited?
         if programs is not None:
             return programs, data, call, bound
         try:
