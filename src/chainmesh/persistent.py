@@ -9,14 +9,24 @@ compilation cache, only while it compiles its own programs:
 - every entry carries a SHA-256 of its bytes: a corrupt or truncated entry is
   deleted with a warning and the program is compiled again, never loaded;
 - entries are native code the process will run, so the directory is created
-  private to the user (mode 0700) and a directory another user owns or can
-  write to is refused with a warning (chainmesh then compiles as usual);
-- the least recently used entries go once the directory passes its size cap.
+  private to the user (mode 0700), and a directory that another user owns or
+  could write to or replace is refused with a warning (chainmesh then compiles
+  as usual); it is opened once and every entry is opened relative to it and
+  checked before it is used (``chainmesh.cachedir``);
+- an entry that passes its checksum but does not load (written on a machine
+  with another CPU, say) is deleted with a warning and compiled again, and is
+  not counted in ``programs_from_disk``;
+- the least recently used entries go once the directory passes its size cap;
+  temporary files that killed writers left count toward it and go after an
+  hour;
+- JAX's own XLA caches (GPU autotuning results, kernels), which JAX would
+  otherwise write into this directory outside its cap and checks, are off
+  while chainmesh compiles.
 
 Where: ``Sampler(..., cache_dir=...)``, else ``$CHAINMESH_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/chainmesh/xla`` (``~/.cache/chainmesh/xla``). ``cache_dir=
 False`` or an empty ``CHAINMESH_CACHE_DIR`` turns it off. The cap is
-``$CHAINMESH_CACHE_MAX_MB`` (default 1024 MB); ``clear_disk_cache()`` or
+``$CHAINMESH_CACHE_MAX_MB`` (default 1024 MB, ``inf``: none); ``clear_disk_cache()`` or
 deleting the directory empties it.
 """
 
@@ -24,29 +34,51 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
-import stat
+import sys
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from jax._src import compilation_cache as _jax_cache
 from jax._src import config as _jax_config
 from jax._src.compilation_cache_interface import CacheInterface
+
+from chainmesh import cachedir
 
 ENV_DIR = "CHAINMESH_CACHE_DIR"
 ENV_MAX_MB = "CHAINMESH_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 1024
 SUFFIX = ".xla"
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0
+"""A temporary file this old belongs to a writer that was killed."""
 _MAGIC = b"chainmesh-xla-1\n"
 _DIGEST = 32
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
-_refused: set[str] = set()
 _hits = [0]
 _hits_lock = threading.Lock()
+_loading = threading.local()
+"""In a compile block (``_settings``): ``cache``, and ``key``, the entry this
+thread handed to JAX that JAX has not yet loaded (or None)."""
+
+
+def _on_event(event: str, **kwargs: Any) -> None:
+    # JAX records a cache hit only once the entry's executable has loaded.
+    if event == _HIT_EVENT and getattr(_loading, "key", None) is not None:
+        _loading.key = None
+        with _hits_lock:
+            _hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_on_event)
 
 
 def default_dir() -> Path:
@@ -73,146 +105,169 @@ def resolve(cache_dir: Any = None) -> Path | None:
 
 
 def max_bytes() -> int:
-    """The size cap in bytes (``$CHAINMESH_CACHE_MAX_MB``, default 1024 MB)."""
+    """The size cap in bytes (``$CHAINMESH_CACHE_MAX_MB``, default 1024 MB).
+
+    ``inf`` means no cap; a value that is not a number warns and uses the
+    default.
+    """
     value = os.environ.get(ENV_MAX_MB, "").strip()
     try:
         megabytes = float(value) if value else DEFAULT_MAX_MB
     except ValueError:
-        megabytes = DEFAULT_MAX_MB
-    return max(0, int(megabytes * 2**20))
-
-
-def safe_dir(path: Path) -> bool:
-    """Create ``path`` private to this user; False (with a warning) if unsafe.
-
-    A directory owned by another user, or writable by group or others, could
-    hold code planted by someone else: it is never used.
-    """
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.stat()
-    except OSError as err:
-        return _refuse(path, f"it cannot be created or read ({err.strerror or err})")
-    if not stat.S_ISDIR(info.st_mode):
-        return _refuse(path, "it is not a directory")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        return _refuse(path, f"it belongs to another user (uid {info.st_uid})")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = oct(stat.S_IMODE(info.st_mode))
-        return _refuse(path, f"other users can write to it (mode {mode})")
-    return True
-
-
-def _refuse(path: Path, why: str) -> bool:
-    if str(path) not in _refused:
-        _refused.add(str(path))
+        megabytes = math.nan
+    if math.isnan(megabytes):
         warnings.warn(
-            f"chainmesh does not use the compilation cache at {str(path)!r}: {why}, "
-            "and its entries are code this process would run. Programs are "
-            f"compiled as usual. Fix: `chmod 700 {path}` if it is yours, or set "
-            f"{ENV_DIR} (or Sampler(cache_dir=...)) to a private directory",
+            f"{ENV_MAX_MB}={value!r} is not a number of megabytes; using "
+            f"{DEFAULT_MAX_MB}. Set it to a number, or inf for no cap",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=2,
         )
-    return False
+        megabytes = DEFAULT_MAX_MB
+    return max(0, int(min(megabytes * 2**20, sys.maxsize)))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"chainmesh: {message}", RuntimeWarning, stacklevel=4)
 
 
 class DiskCache(CacheInterface):
     """JAX cache entries as checksummed files, written atomically, capped in size.
 
+    The directory is opened once, when the cache is made (``cachedir``); close
+    the cache (or use it in a ``with`` block) to let go of it.
+
     Args:
-        path: A directory that ``safe_dir`` accepted.
+        path: The cache directory; created private to the user if missing.
         limit: Size cap in bytes for all entries together.
+        fd: ``path`` already opened by ``cachedir.open_dir``, if it was.
+
+    Raises:
+        cachedir.UnsafeError: Another user could change the directory.
     """
 
-    def __init__(self, path: Path, limit: int) -> None:
+    def __init__(self, path: Path, limit: int, fd: int | None = None) -> None:
         self._path = Path(path)
         self.limit = limit
+        self._fd = cachedir.open_dir(self._path, create=True) if fd is None else fd
 
-    def _file(self, key: str) -> Path:
-        return self._path / f"{key}{SUFFIX}"
+    def close(self) -> None:
+        """Let go of the directory."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DiskCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _delete(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            cachedir.remove(self._fd, name)
 
     def get(self, key: str) -> bytes | None:
-        """The entry's bytes, or None if missing or corrupt (then deleted)."""
-        file = self._file(key)
+        """The entry's bytes, or None if missing or unusable (then deleted)."""
+        name = f"{key}{SUFFIX}"
         try:
-            data = file.read_bytes()
+            data = cachedir.read_entry(self._fd, name)
         except FileNotFoundError:
             return None
-        except OSError as err:
-            warnings.warn(
-                f"chainmesh: unreadable compilation cache entry {file} "
-                f"({err}); compiling again",
-                RuntimeWarning,
-                stacklevel=2,
+        except (OSError, cachedir.UnsafeError) as err:
+            _warn(
+                f"unusable compilation cache entry {self._path / name} ({err}); "
+                "deleted, compiling again"
             )
+            self._delete(name)
             return None
         head, digest = data[: len(_MAGIC)], data[len(_MAGIC) : len(_MAGIC) + _DIGEST]
         payload = data[len(_MAGIC) + _DIGEST :]
         if head != _MAGIC or hashlib.sha256(payload).digest() != digest:
-            warnings.warn(
-                f"chainmesh: corrupt compilation cache entry {file} (checksum "
-                "mismatch); deleted, compiling again",
-                RuntimeWarning,
-                stacklevel=2,
+            _warn(
+                f"corrupt compilation cache entry {self._path / name} (checksum "
+                "mismatch); deleted, compiling again"
             )
-            with contextlib.suppress(OSError):
-                file.unlink()
+            self._delete(name)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(file)  # the modification time is the LRU clock
-        with _hits_lock:
-            _hits[0] += 1
+        if getattr(_loading, "cache", None) is self:
+            _loading.key = key  # a hit once JAX says it loaded
         return payload
 
+    def did_not_load(self, key: str, replaced: bool) -> None:
+        """Warn that entry ``key`` passed its checksum but JAX could not load it."""
+        name = f"{key}{SUFFIX}"
+        if not replaced:
+            self._delete(name)
+        _warn(
+            f"compilation cache entry {self._path / name} passed its checksum but "
+            "did not load (written by another JAX or XLA version, or on a machine "
+            "with another CPU?); "
+            + ("replaced by the program compiled now" if replaced else "deleted")
+        )
+
     def put(self, key: str, value: bytes) -> None:
-        """Write the entry atomically (temporary file, then rename)."""
-        file = self._file(key)
-        if file.exists() or len(value) > self.limit:
+        """Write the entry atomically (temporary file, then rename over any old one)."""
+        failed = getattr(_loading, "cache", None) is self and _loading.key == key
+        if failed:  # JAX read it, could not load it, compiled the program again
+            _loading.key = None
+        if len(value) > self.limit:
+            if failed:
+                self.did_not_load(key, replaced=False)
             return
-        tmp = self._path / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        name = f"{key}{SUFFIX}"
+        tmp = f".{key}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}"
         data = _MAGIC + hashlib.sha256(value).digest() + value
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, file)
+            cachedir.write_entry(self._fd, name, tmp, data)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            warnings.warn(
-                f"chainmesh: could not write compilation cache entry {file} ({err})",
-                RuntimeWarning,
-                stacklevel=2,
+            if failed:
+                self.did_not_load(key, replaced=False)
+            _warn(
+                f"could not write compilation cache entry {self._path / name} ({err})"
             )
             return
+        if failed:
+            self.did_not_load(key, replaced=True)
         self.evict()
 
     def evict(self) -> None:
-        """Delete least recently used entries until the cap holds."""
-        entries = []
-        for file in self._path.glob(f"*{SUFFIX}"):
-            with contextlib.suppress(OSError):
-                info = file.stat()
-                entries.append((info.st_mtime, info.st_size, file))
-        total = sum(size for _, size, _ in entries)
-        for _, size, file in sorted(entries):
+        """Delete stale temporary files, then the least recently used entries."""
+        now, entries, total = time.time(), [], 0
+        for name, mtime, size in cachedir.listing(self._fd):
+            if name.endswith(SUFFIX):
+                entries.append((mtime, size, name))
+            elif not _is_tmp(name):
+                continue
+            elif now - mtime > STALE_TMP_S:
+                self._delete(name)
+                continue
+            total += size
+        for _, size, name in sorted(entries):
             if total <= self.limit:
                 break
-            with contextlib.suppress(OSError):
-                file.unlink()
+            self._delete(name)
             total -= size
 
     def size(self) -> int:
-        """Bytes of all entries."""
-        return sum(f.stat().st_size for f in self._path.glob(f"*{SUFFIX}"))
+        """Bytes of all entries and temporary files."""
+        return _bytes(self._fd)
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _bytes(fd: int) -> int:
+    listed = cachedir.listing(fd)
+    return sum(
+        size for name, _, size in listed if name.endswith(SUFFIX) or _is_tmp(name)
+    )
 
 
 def _open(cache_dir: Any) -> DiskCache | None:
     path = resolve(cache_dir)
-    if path is None or not safe_dir(path):
-        return None
-    return DiskCache(path, max_bytes())
+    fd = None if path is None else cachedir.checked(path, create=True)
+    return None if fd is None else DiskCache(path, max_bytes(), fd)
 
 
 _current: list[DiskCache | None] = [None]
@@ -220,13 +275,26 @@ _current: list[DiskCache | None] = [None]
 
 @contextlib.contextmanager
 def _settings(cache: DiskCache) -> Iterator[None]:
-    """JAX's (thread-local) settings that send every program to ``cache``."""
-    with (
-        _jax_config.compilation_cache_dir(str(cache._path)),
-        _jax_config.persistent_cache_min_compile_time_secs(0.0),
-        _jax_config.persistent_cache_min_entry_size_bytes(-1),
-    ):
-        yield
+    """JAX's (thread-local) settings that send every program to ``cache``.
+
+    JAX would also put XLA's own caches (GPU autotuning results, kernels) in
+    the directory, outside chainmesh's cap, checksums and ``clear_disk_cache``:
+    they are off.
+    """
+    outer = getattr(_loading, "cache", None), getattr(_loading, "key", None)
+    _loading.cache, _loading.key = cache, None
+    try:
+        with (
+            _jax_config.compilation_cache_dir(str(cache._path)),
+            _jax_config.persistent_cache_min_compile_time_secs(0.0),
+            _jax_config.persistent_cache_min_entry_size_bytes(-1),
+            _jax_config.persistent_cache_enable_xla_caches("none"),
+        ):
+            yield
+        if _loading.key is not None:  # read, neither loaded nor written again
+            cache.did_not_load(_loading.key, replaced=False)
+    finally:
+        _loading.cache, _loading.key = outer
 
 
 @contextlib.contextmanager
@@ -250,6 +318,7 @@ def active(cache_dir: Any) -> Iterator[None]:
             yield
     finally:
         _jax_cache._cache, _jax_cache._cache_initialized, _current[0] = saved
+        cache.close()
 
 
 @contextlib.contextmanager
@@ -279,20 +348,29 @@ def clear_disk_cache(cache_dir: Any = None) -> int:
         cache_dir: As for ``Sampler``; None is the default directory.
     """
     path = resolve(cache_dir)
-    if path is None or not path.is_dir():
+    fd = None if path is None else cachedir.checked(path, create=False)
+    if fd is None:
         return 0
-    freed = 0
-    for file in [*path.glob(f"*{SUFFIX}"), *path.glob(".*.tmp")]:
-        with contextlib.suppress(OSError):
-            size = file.stat().st_size
-            file.unlink()
-            freed += size
-    return freed
+    try:
+        sizes = {name: size for name, _, size in cachedir.listing(fd)}
+        freed = 0
+        for name in os.listdir(fd):
+            if name.endswith(SUFFIX) or _is_tmp(name):
+                with contextlib.suppress(OSError):
+                    cachedir.remove(fd, name)
+                    freed += sizes.get(name, 0)
+        return freed
+    finally:
+        os.close(fd)
 
 
 def disk_cache_size(cache_dir: Any = None) -> int:
-    """Bytes the disk cache holds now."""
+    """Bytes the disk cache holds now (entries and temporary files)."""
     path = resolve(cache_dir)
-    if path is None or not path.is_dir():
+    fd = None if path is None else cachedir.checked(path, create=False)
+    if fd is None:
         return 0
-    return DiskCache(path, max_bytes()).size()
+    try:
+        return _bytes(fd)
+    finally:
+        os.close(fd)
