@@ -6,7 +6,7 @@ length shared by every chain. During warmup, the step size follows dual
 averaging on the harmonic mean of the acceptance probabilities, the trajectory
 length follows Adam on the ChEES criterion, and a diagonal mass matrix is
 estimated from the draws, each from statistics pooled over every real chain
-of the mesh (``ensemble.pooled_sum``: two collectives per warmup transition,
+of the mesh (``ensemble.gather_lanes``: one collective per warmup transition,
 none per leapfrog step, none after warmup). After warmup everything is
 frozen: plain Metropolis-adjusted HMC.
 
@@ -31,8 +31,8 @@ from chainmesh.kernels.ensemble import (
     AxisName,
     Welford,
     first_lane,
+    gather_lanes,
     mass_schedule,
-    pooled_sum,
     replicate,
     welford_batch,
     welford_init,
@@ -206,7 +206,6 @@ def build_step(
     adam_betas: tuple[float, float] = (0.0, 0.95),
     max_num_steps: int = 1000,
     max_delta_energy: float = 1000.0,
-    reproducible: bool = True,
 ) -> Callable[[jax.Array, ChEESState, jax.Array], tuple[ChEESState, ChEESInfo]]:
     """Build ``step(keys, state, real) -> (state, info)`` for a block of chains.
 
@@ -225,15 +224,11 @@ def build_step(
         adam_betas: Adam's ``(beta1, beta2)``; the paper's ``(0, 0.95)``.
         max_num_steps: Cap on the leapfrog steps of a transition.
         max_delta_energy: Energy error beyond which a transition diverges.
-        reproducible: Pool by gathering every lane's statistics and summing
-            them in chain order, so the adaptation does not depend on the
-            device split; False: ``psum`` of per-device sums (less traffic,
-            but rounding differences grow, see ``ensemble.pooled_sum``).
     """
     collect, window_end = mass_schedule(num_warmup)
-    pool = partial(pooled_sum, axis_name=axis_name, reproducible=reproducible)
+    gather = partial(gather_lanes, axis_name=axis_name)
     hyper = _Hyper(
-        num_warmup, target_accept, pool, learning_rate, *adam_betas,
+        num_warmup, target_accept, gather, learning_rate, *adam_betas,
         max_num_steps, jnp.asarray(collect), jnp.asarray(window_end),
     )  # fmt: skip
 
@@ -286,7 +281,7 @@ class _Hyper(NamedTuple):
 
     num_warmup: int
     target_accept: float
-    pool: Callable  # (per-lane tree, real) -> tree of pooled sums
+    gather: Callable  # (per-lane tree, real) -> (every lane's tree, real)
     learning_rate: float
     beta1: float
     beta2: float
@@ -307,33 +302,46 @@ class _Stats(NamedTuple):
 def _chees_gradient(
     a: ChEESAdaptState, stats: _Stats, hyper: _Hyper
 ) -> tuple[dict, jax.Array]:
-    """Pooled statistics (collective 1) and the ChEES gradient with respect to
-    the log trajectory length, acceptance-weighted (collective 2)."""
-    x0, moved, real, time = stats
-    x1, p1, accept_prob = moved.x1, moved.p1, moved.accept_prob
+    """Pooled statistics and the ChEES gradient with respect to the log
+    trajectory length, acceptance-weighted, from every lane of the mesh
+    (one collective; every device computes the same sums in chain order)."""
+    per_lane = {
+        "x0": stats.x0,
+        "x1": stats.moved.x1,
+        "p1": stats.moved.p1,
+        "x": stats.moved.x,
+        "accept_prob": stats.moved.accept_prob,
+    }
+    lanes, real = hyper.gather(per_lane, stats.real)
+    accept_prob = lanes["accept_prob"]
+
+    def total(v: jax.Array) -> jax.Array:
+        """Sum over the real lanes (padding lanes never enter)."""
+        mask = real.reshape(real.shape + (1,) * (v.ndim - 1))
+        return jnp.where(mask, v, jnp.zeros((), v.dtype)).sum(0)
+
     # ChEES lives in the whitened space of the current mass matrix: positions
     # x / sd and velocities d(x / sd)/dt = sd * p, with sd = sqrt(inv_mass).
     # Both are centred about the running mean, a shift known on every lane,
     # so that float32 does not cancel when the mean is large against the sd.
     sd, shift = jnp.sqrt(a.inv_mass), a.welford.mean
-    w0, w1, v1 = (x0 - shift) / sd, (x1 - shift) / sd, p1 * sd
+    w0 = (lanes["x0"] - shift) / sd
+    w1 = (lanes["x1"] - shift) / sd
+    v1 = lanes["p1"] * sd
     finite = jnp.isfinite(w1).all(-1) & jnp.isfinite(v1).all(-1)
-    weight = jnp.where(finite, accept_prob, 0.0)
+    weight = jnp.where(finite & real, accept_prob, 0.0)
     w1, v1 = (jnp.where(finite[:, None], z, 0.0) for z in (w1, v1))
-    per_lane = {
-        "n": jnp.ones_like(accept_prob),
-        "inv_accept": 1.0 / jnp.maximum(accept_prob, 1e-10),
-        "weight": weight,
-        "proposal": weight[:, None] * w1,
-        "initial": w0,
-        "batch": welford_batch(a.welford, moved.x),
+    pooled = {
+        "n": total(jnp.ones_like(accept_prob)),
+        "inv_accept": total(1.0 / jnp.maximum(accept_prob, 1e-10)),
+        "batch": jax.tree.map(total, welford_batch(a.welford, lanes["x"])),
     }
-    pooled = hyper.pool(per_lane, real)
-    c1 = w1 - pooled["proposal"] / (pooled["weight"] + 1e-20)
-    c0 = w0 - pooled["initial"] / pooled["n"]
+    weights = total(weight) + 1e-20
+    c1 = w1 - total(weight[:, None] * w1) / weights
+    c0 = w0 - total(w0) / pooled["n"]
     change = ((c1 * c1).sum(-1) - (c0 * c0).sum(-1)) * (c1 * v1).sum(-1)
     change = jnp.where(jnp.isfinite(change), weight * change, 0.0)
-    grad = time * hyper.pool(change, real) / (pooled["weight"] + 1e-20)
+    grad = stats.time * total(change) / weights
     return pooled, jnp.where(jnp.isfinite(grad), grad, 0.0)
 
 

@@ -64,6 +64,32 @@ def pooled_sum(
     return unravel(lax.psum(flat.sum(0), axis_name))
 
 
+def gather_lanes(tree: Any, real: jax.Array, axis_name: AxisName) -> tuple[Any, Any]:
+    """Every lane of the mesh, in chain order, on every device: one collective.
+
+    For statistics that are not sums of per-lane terms (the ChEES gradient
+    centres each lane about the pooled means): each device computes them
+    from all lanes, in the same order whatever the device split. Padding
+    lanes arrive as zeros, and as False in the returned mask.
+
+    Args:
+        tree: Pytree of per-lane values, leaves ``(lanes, ...)``.
+        real: Bool ``(lanes,)``, False for padding lanes.
+        axis_name: Mesh axis (or axes) to gather over; None: this block only.
+
+    Returns:
+        ``(tree, real)`` with the lanes of every device on the leading axis.
+    """
+    if axis_name is None:
+        return tree, real
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
+    flat = jnp.where(real.reshape(-1, 1), flat, jnp.zeros((), flat.dtype))
+    rows = jnp.concatenate([flat, real.astype(flat.dtype)[:, None]], axis=1)
+    rows = lax.all_gather(rows, axis_name, tiled=True)
+    unravel = ravel_pytree(first_lane(tree))[1]
+    return jax.vmap(unravel)(rows[:, :-1]), rows[:, -1] > 0
+
+
 class Welford(NamedTuple):
     """Pooled running moments of the draws of one adaptation window.
 
