@@ -94,7 +94,6 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             config.target_accept_prob,
             POOL_AXIS,
             max_num_steps=max_steps,
-            reproducible=True,
         )
 
         def run(s: ChEESChain) -> ChEESChain:
