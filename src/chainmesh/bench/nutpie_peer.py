@@ -70,7 +70,9 @@ def nutpie_sampler(
         z = jax.tree.map(lambda x: x[0], potential.init(key, args))
         return ravel_pytree(z)[0]
 
-    def call(seed: int, args: tuple) -> PeerDraws:
+    def call(seed: int, args: tuple, draws: int | None = None) -> PeerDraws:
+        """Sample; ``draws`` (if given) replaces both warmup and samples."""
+
         def make_logp() -> Callable:
             def fn(x: np.ndarray) -> tuple[float, np.ndarray]:
                 value, grad = logp(x, args)
@@ -101,8 +103,8 @@ def nutpie_sampler(
         t0 = time.perf_counter()
         trace = nutpie.sample(
             compiled,
-            draws=samples,
-            tune=warmup,
+            draws=draws or samples,
+            tune=draws or warmup,
             chains=chains,
             cores=cores,
             seed=seed,
@@ -111,12 +113,12 @@ def nutpie_sampler(
             low_rank_modified_mass_matrix=low_rank,
         )
         seconds = time.perf_counter() - t0
-        draws = {
+        values = {
             k: np.asarray(trace.posterior[k].values, dtype=shapes[k].dtype)
             for k in names
         }
         return PeerDraws(
-            draws,
+            values,
             np.asarray(trace.warmup_sample_stats["n_steps"].values),
             np.asarray(trace.sample_stats["n_steps"].values),
             np.asarray(trace.sample_stats["diverging"].values),

@@ -118,9 +118,10 @@ def _worst(values: dict[str, float | None], badness) -> tuple[str, float] | None
 
 
 def _min(summary: dict[str, dict], key: str) -> float:
-    values = [r[key] for r in summary.values() if r[key] is not None]
-    values = [v for v in values if math.isfinite(v)]
-    return min(values) if values else math.nan
+    """The smallest ``key`` over parameters; NaN if any is undefined (a stuck
+    chain has no ESS: leaving it out would overstate the minimum)."""
+    values = [math.nan if r[key] is None else r[key] for r in summary.values()]
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
 
 
 def score(job: dict, out: dict, versions: dict, command: str) -> dict:

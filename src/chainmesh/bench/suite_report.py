@@ -209,7 +209,9 @@ def plot(records: list[dict], path: Path) -> Path | None:
                 ax.plot(x, y, "x", color=color, ms=9, mew=2, label=f"{sampler} FAIL")
     ax.axvline(1.0, color="k", lw=1, ls="--", label="NumPyro NUTS")
     ax.set_xscale("log")
-    ax.set_yticks(range(len(posteriors)), posteriors)
+    failed = {p for (p, s), r in by.items() if s == BASELINE and not r["passed"]}
+    labels = [f"{p} (NumPyro FAIL)" if p in failed else p for p in posteriors]
+    ax.set_yticks(range(len(posteriors)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("min bulk ESS per gradient / NumPyro NUTS's (log; x: failed)")
     ax.grid(alpha=0.3, which="both", axis="x")

@@ -33,6 +33,10 @@ from chainmesh.bench.targets import Target, config_devices, config_options
 CHAINMESH = "chainmesh:"
 """Prefix of the chainmesh samplers' names: ``chainmesh:<configuration>``."""
 
+COLD_NUTPIE_DRAWS = 20
+"""Warmup and draws of nutpie's cold call: its JAX functions compile on the
+first gradient whatever the length, and its gradients are the slowest."""
+
 WALL_NOTES = {
     "nutpie": "Python-callback gradient",
     "numpyro": "compile subtracted (NumPyro compiles on every call)",
@@ -77,7 +81,7 @@ def _chainmesh(job: dict, target: Target, config: str) -> Callable[[int], tuple]
         **config_options(config, target.options),
     )
 
-    def call(seed: int) -> tuple:
+    def call(seed: int, cold: bool = False) -> tuple:
         result = sampler.run(seed, *target.args)
         s = result.stats
         counts = (s["leapfrog_steps_warmup"], s["leapfrog_steps"], s["divergences"])
@@ -140,8 +144,11 @@ def _peer(job: dict, target: Target, sampler: str) -> Callable[[int], tuple]:
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
 
-    def call(seed: int) -> tuple:
-        out: PeerDraws = run(seed, target.args)
+    def call(seed: int, cold: bool = False) -> tuple:
+        if cold and sampler == "nutpie":  # compiles the same, in fewer draws
+            out: PeerDraws = run(seed, target.args, draws=COLD_NUTPIE_DRAWS)
+        else:
+            out = run(seed, target.args)
         return (
             out.samples,
             int(np.sum(out.steps_warmup)),
@@ -174,7 +181,7 @@ def run_job(job: dict) -> dict:
     cold = None
     if sampler != "numpyro":
         with worker.measure() as cold:
-            call(job["seed"])
+            call(job["seed"], cold=True)
     with worker.measure() as warm:
         samples, grad_warmup, grad_sampling, divergences, plan = call(job["seed"] + 1)
     cold = cold or warm
