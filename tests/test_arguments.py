@@ -345,3 +345,23 @@ def test_trace_affecting_jax_flags_are_part_of_the_program_key():
     again = sampler.run(0, Y)  # the first programs again
     assert again.stats["compilations"] == 0
     np.testing.assert_array_equal(again.samples["mu"], first.samples["mu"])
+
+
+def glmm_one(dept, admit):
+    """A shape from one data set's values: its own departments."""
+    num_dept = len(np.unique(dept))
+    v = numpyro.sample("v", dist.Normal(0.0, 1.0).expand([num_dept]).to_event(1))
+    numpyro.sample("admit", dist.Normal(v[dept], 1.0), obs=admit)
+
+
+def test_a_batched_model_that_needs_data_values_names_the_fixes(count_compiles):
+    depts = np.tile(np.arange(3), (2, 2))
+    sampler = cm.BatchSampler(glmm_one, 2, **SMALL)
+    with count_compiles() as c, pytest.raises(TypeError) as info:
+        sampler.run(0, depts, np.zeros(depts.shape, np.float32))
+    assert c.count == 0
+    assert "['dept']" in str(info.value) and "functools.partial" in str(info.value)
+    assert isinstance(info.value.__cause__, arguments.NEEDS_VALUE)
+    with pytest.raises(jax.errors.TracerBoolConversionError) as info:
+        cm.BatchSampler(needs_a_latent_value, 2, **SMALL).run(0, np.stack([Y, Y]))
+    assert any(entry.name == "needs_a_latent_value" for entry in info.traceback)
