@@ -37,21 +37,22 @@ def test_configurations_are_the_harness_configurations():
 def test_every_reference_parameter_is_named_in_the_draws(suite_name):
     """A sample shaped (chains, draws, ...) per site names every reference
     parameter of every target."""
-    import jax
-    from numpyro.infer.util import initialize_model
-
-    from chainmesh.model import postprocess_fn
+    from numpyro import handlers
+    from numpyro.infer import init_to_uniform
 
     names = suite_names(suite_name)
     assert len(names) == (10 if suite_name == "posteriordb" else 5)
     for name in names:
         target = load_target(suite_name, name)
-        z = initialize_model(
-            jax.random.key(0), target.model, model_args=target.args
-        ).param_info.z
-        values = postprocess_fn(target.model, target.args, {})(z)
+        model = handlers.substitute(
+            handlers.seed(target.model, 0), substitute_fn=init_to_uniform
+        )
+        trace = handlers.trace(model).get_trace(*target.args)
         samples = {
-            k: np.broadcast_to(v, (2, 3, *np.shape(v))) for k, v in values.items()
+            k: np.broadcast_to(site["value"], (2, 3, *np.shape(site["value"])))
+            for k, site in trace.items()
+            if site["type"] in ("sample", "deterministic")
+            and not site.get("is_observed")
         }
         named = target.named(samples)
         assert set(target.reference) <= set(named), name

@@ -309,7 +309,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "bench",
         help="benchmark chainmesh against NumPyro over host device counts",
         description="Benchmark chainmesh against NumPyro over host CPU device "
-        "counts; write results.json, results.md and scaling.png into --out.",
+        "counts; write results.json, results.md and scaling.png into --out. "
+        "chainmesh bench --suite posteriordb --help: the posteriordb scoreboard.",
     )
     p.add_argument(
         "--model",
