@@ -35,7 +35,10 @@ ratio*: sd / reference sd farthest from 1. A run fails on z > {Z_MAX:g}, R-hat >
 {RHAT_MAX}, an sd off by more than {SD_RTOL:.0%}, or an error; a failing run
 is marked FAIL and left out of the medians and worst ratios. Targets without a
 reference are judged by R-hat alone. Every run is its own process; peers
-sample the same NumPyro potential with the same chains, draws and seed."""
+sample the same NumPyro potential with the same chains, draws and seed.
+chainmesh spreads the chains over the devices; NumPyro (`vectorized`) and
+BlackJAX vectorize them on the default device; nutpie runs them on as many
+threads as there are devices."""
 
 
 def with_ratios(records: list[dict]) -> list[dict]:
