@@ -117,9 +117,9 @@ def test_concurrent_processes_share_one_directory(tmp_path):
     for d in draws[1:]:
         np.testing.assert_array_equal(d, draws[0])
     assert not list(cache.glob(".*.tmp"))  # nothing half written is left
-    disk = persistent.DiskCache(cache, persistent.max_bytes())
     keys = [f.name.removesuffix(persistent.SUFFIX) for f in _entries(cache)]
-    assert len(keys) == 2 and all(disk.get(k) is not None for k in keys)
+    with persistent.DiskCache(cache, persistent.max_bytes()) as disk:
+        assert len(keys) == 2 and all(disk.get(k) is not None for k in keys)
     late = subprocess.run(
         [sys.executable, str(script), str(cache), str(tmp_path / "late.npy")],
         env=env,
@@ -132,14 +132,14 @@ def test_concurrent_processes_share_one_directory(tmp_path):
 
 
 def test_least_recently_used_entries_go_past_the_cap(tmp_path):
-    disk = persistent.DiskCache(tmp_path, limit=3 * 1100)
-    for i in range(5):
-        disk.put(f"k{i}", bytes([i]) * 1000)
-        os.utime(tmp_path / f"k{i}{persistent.SUFFIX}", (i, i))
-        disk.evict()
-    assert disk.get("k0") is None and disk.get("k1") is None
-    assert disk.get("k4") == bytes([4]) * 1000
-    size = disk.size()
+    with persistent.DiskCache(tmp_path, limit=3 * 1100) as disk:
+        for i in range(5):
+            disk.put(f"k{i}", bytes([i]) * 1000)
+            os.utime(tmp_path / f"k{i}{persistent.SUFFIX}", (i, i))
+            disk.evict()
+        assert disk.get("k0") is None and disk.get("k1") is None
+        assert disk.get("k4") == bytes([4]) * 1000
+        size = disk.size()
     assert 0 < size <= 3 * 1100
     assert persistent.disk_cache_size(tmp_path) == size
     assert persistent.clear_disk_cache(tmp_path) == size
