@@ -158,6 +158,7 @@ def tiny_suite(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_suite")  # one worker runs the suite once
 def test_tiny_suite_has_every_run_or_a_skip_line(tiny_suite, capsys):
     out, records = tiny_suite
     text = (out / "suite.md").read_text()
@@ -194,6 +195,7 @@ def _same(saved, expected):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_suite")  # one worker runs the suite once
 def test_tiny_suite_numbers_agree_with_each_other(tiny_suite):
     """Every derived number is the ratio of the numbers it is made of, and the
     verdict is the one the saved summary gives, recomputed here by hand."""
