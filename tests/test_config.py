@@ -31,12 +31,31 @@ SMALL = {"num_warmup": 10, "num_samples": 10, "progress_bar": False}
         ({"chunk_size": 0}, ValueError, "chunk_size must be >= 1"),
         ({"dense_mass": "yes"}, TypeError, "dense_mass"),
         ({"gather": "some"}, ValueError, "gather must be"),
+        ({"metric": "full"}, ValueError, "metric must be one of"),
+        ({"metric": "lowrank", "dense_mass": True}, ValueError, "pass only one"),
+        ({"metric": "fisher"}, ValueError, "kernel='nuts', adapt='chain'"),
+        (
+            {"metric": "lowrank", "adapt": "ensemble"},
+            ValueError,
+            "kernel='nuts', adapt='ensemble'.*use kernel='chees'",
+        ),
+        ({"kernel": "chees", "metric": "dense"}, ValueError, "kernel='nuts' with"),
+        ({"kernel": "chees", "dense_mass": True}, ValueError, "dense_mass=False"),
     ],
 )
 def test_bad_config(kwargs, error, match, count_compiles):
     with count_compiles() as c, pytest.raises(error, match=match):
         cm.Sampler(scale_model, **{**SMALL, **kwargs})
     assert c.count == 0
+
+
+def test_dense_mass_is_an_alias_of_the_dense_metric():
+    alias = cm.Sampler(scale_model, dense_mass=True, **SMALL).config
+    named = cm.Sampler(scale_model, metric="dense", **SMALL).config
+    assert alias == named
+    assert (named.metric, named.dense_mass) == ("dense", True)
+    lowrank = cm.Sampler(scale_model, kernel="chees", metric="lowrank", **SMALL)
+    assert lowrank.config.metric == "lowrank" and not lowrank.config.dense_mass
 
 
 def test_model_must_be_callable():

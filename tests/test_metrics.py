@@ -9,8 +9,9 @@ from blackjax.adaptation.metric_estimators import (
     fisher_score_diagonal,
     fisher_score_low_rank,
 )
+from numpyro.infer.hmc_util import build_adaptation_schedule
 
-from chainmesh.kernels import metrics
+from chainmesh.kernels import metric_window, metrics
 from chainmesh.kernels.ensemble import welford_batch, welford_init, welford_merge
 
 lowrank = jax.jit(metrics.lowrank, static_argnames="rank")
@@ -183,3 +184,17 @@ def test_masked_rows_do_not_enter_the_lowrank_estimate():
     masked = lowrank(*map(jnp.asarray, stack), rank=3, weights=keep[order])
     plain = lowrank(jnp.asarray(draws), jnp.asarray(grads), rank=3)
     np.testing.assert_allclose(dense(masked), dense(plain), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_warmup", [30, 150, 500])
+def test_buffer_slots_spread_over_each_slow_window(num_warmup):
+    slots = metric_window.buffer_slots(num_warmup)
+    windows = build_adaptation_schedule(num_warmup)[1:-1]
+    inside = np.zeros(len(slots), bool)
+    for w in windows:
+        picks = np.nonzero(slots[w.start : w.end + 1] >= 0)[0] + w.start
+        count = min(metric_window.BUFFER, w.end - w.start + 1)
+        assert (picks[0], picks[-1], len(picks)) == (w.start, w.end, count)
+        assert sorted(slots[picks]) == list(range(count))
+        inside[w.start : w.end + 1] = True
+    assert (slots[~inside] == -1).all()

@@ -24,6 +24,14 @@ INIT_STRATEGIES: dict[str, Callable[..., Any]] = {
 INNER_STRATEGIES = ("vmap", "map", "async")
 KERNELS = ("nuts", "chees")
 ADAPTATIONS = ("chain", "ensemble")
+METRICS = ("diag", "dense", "fisher", "lowrank")
+SUPPORTED_METRICS = {
+    ("nuts", "chain"): ("diag", "dense"),
+    ("nuts", "ensemble"): ("diag", "dense"),
+    ("chees", "chain"): ("diag", "fisher", "lowrank"),
+    ("chees", "ensemble"): ("diag", "fisher", "lowrank"),
+}
+"""The metrics each (kernel, adapt) pair adapts; ChEES always pools."""
 TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
 """Default acceptance targets: NumPyro's for NUTS; the ChEES paper's (the
 harmonic mean of the acceptance probabilities over chains)."""
@@ -51,7 +59,8 @@ class SamplerConfig:
             NUTS, 0.651 for ChEES.
         max_tree_depth: Maximum NUTS tree depth; ChEES caps a trajectory at
             ``2**max_tree_depth - 1`` leapfrog steps, as NUTS does.
-        dense_mass: Adapt a dense (True) or diagonal (False) mass matrix.
+        dense_mass: Adapt a dense (True) or diagonal (False) mass matrix;
+            True is an alias for ``metric="dense"``.
         init_strategy: Name of a NumPyro init strategy or an init function.
         chunk_size: Transitions (warmup) or draws (sampling) per compiled call
             (at most ``max(num_warmup, num_samples)``, see ``chunk``).
@@ -65,6 +74,10 @@ class SamplerConfig:
         adapt: NUTS adaptation: "chain" (each chain alone, as NumPyro) or
             "ensemble" (step size and mass matrix from statistics pooled over
             every chain of the mesh; one collective per warmup transition).
+        metric: The adapted inverse mass matrix: "diag" (Stan's windowed
+            variance), "dense" (windowed covariance), "fisher" (the diagonal
+            ``sqrt(var(x) / var(grad log p))``) or "lowrank" (nutpie's
+            low-rank-modified Fisher diagonal, O(d k) per operation).
         progress_bar: Show one tqdm bar for the whole run.
         checkpoint_dir: Directory for atomic checkpoints (None: none).
         checkpoint_every: Chunks between checkpoints.
@@ -93,6 +106,7 @@ class SamplerConfig:
     lanes: int | None = None
     kernel: str = "nuts"
     adapt: str = "chain"
+    metric: str = "diag"
     progress_bar: bool = True
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
@@ -130,6 +144,7 @@ class SamplerConfig:
             raise TypeError(
                 f"dense_mass must be True or False, got {self.dense_mass!r}"
             )
+        self._check_metric()
         resolve_init_strategy(self.init_strategy)
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size, 1, "or None for automatic")
@@ -181,11 +196,33 @@ class SamplerConfig:
                 f"{what} pools statistics over a device's chains in one "
                 f"vectorized block; it needs inner='vmap', got inner={self.inner!r}"
             )
-        if self.kernel == "chees" and self.dense_mass:
+
+    def _check_metric(self) -> None:
+        """``metric`` is known, agrees with ``dense_mass`` (its alias) and is
+        one the kernel and adaptation adapt; sets ``dense_mass`` from it."""
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.dense_mass and self.metric not in ("diag", "dense"):
             raise ValueError(
-                "kernel='chees' adapts a diagonal mass matrix; pass "
-                "dense_mass=False, or use kernel='nuts' with dense_mass=True"
+                f"dense_mass=True asks for metric='dense', but metric="
+                f"{self.metric!r}; pass only one of them"
             )
+        metric = "dense" if self.dense_mass else self.metric
+        supported = SUPPORTED_METRICS[self.kernel, self.adapt]
+        if metric == "dense" and metric not in supported:
+            raise ValueError(
+                f"kernel={self.kernel!r} adapts a diagonal mass matrix (metric "
+                f"one of {supported}); pass dense_mass=False and a metric of "
+                "those, or use kernel='nuts' with dense_mass=True"
+            )
+        if metric not in supported:
+            raise ValueError(
+                f"metric={metric!r} is not available with kernel={self.kernel!r}, "
+                f"adapt={self.adapt!r}, which adapt metric one of {supported}; "
+                f"use kernel='chees' for metric={metric!r}"
+            )
+        object.__setattr__(self, "metric", metric)
+        object.__setattr__(self, "dense_mass", metric == "dense")
 
     @property
     def chunk(self) -> int:

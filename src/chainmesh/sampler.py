@@ -50,7 +50,8 @@ class Sampler:
             0.8 for NUTS, 0.651 for ChEES.
         max_tree_depth: Maximum NUTS tree depth (ChEES: at most
             ``2**max_tree_depth - 1`` leapfrog steps per transition).
-        dense_mass: Adapt a dense mass matrix instead of a diagonal one.
+        dense_mass: Adapt a dense mass matrix instead of a diagonal one (an
+            alias for ``metric="dense"``).
         chunk_size: Transitions (warmup) or draws (sampling) per compiled
             call; None picks ``min(100, max(num_warmup, num_samples))``.
         inner: ``"vmap"`` (vectorized NUTS on a device's chains, lockstep) or
@@ -68,6 +69,11 @@ class Sampler:
         adapt: NUTS adaptation: ``"chain"`` (each chain alone, as NumPyro)
             or ``"ensemble"`` (one step size and mass matrix from statistics
             pooled over all chains of the mesh).
+        metric: The adapted inverse mass matrix: ``"diag"`` (Stan's windowed
+            variance), ``"dense"``, ``"fisher"`` (the diagonal
+            ``sqrt(var(x) / var(grad log p))``) or ``"lowrank"`` (nutpie's
+            low-rank-modified Fisher diagonal); ``docs/kernels.md`` says which
+            kernel and ``adapt`` adapt which.
         progress_bar: One tqdm bar for the whole run, updated per chunk.
         checkpoint_dir: Write an atomic checkpoint there every
             ``checkpoint_every`` chunks; ``run(..., resume=True)`` continues
@@ -108,6 +114,7 @@ class Sampler:
         lanes: int | None = None,
         kernel: str = "nuts",
         adapt: str = "chain",
+        metric: str = "diag",
         progress_bar: bool = True,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 10,
@@ -134,6 +141,7 @@ class Sampler:
             lanes=lanes,
             kernel=kernel,
             adapt=adapt,
+            metric=metric,
             progress_bar=progress_bar,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,

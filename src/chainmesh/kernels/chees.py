@@ -4,9 +4,11 @@ ChEES-HMC (Hoffman, Radul & Sountsov, AISTATS 2021) is HMC whose chains all
 run the same number of leapfrog steps in a transition: a jittered trajectory
 length shared by every chain. During warmup, the step size follows dual
 averaging on the harmonic mean of the acceptance probabilities, the trajectory
-length follows Adam on the ChEES criterion, and a diagonal mass matrix is
-estimated from the draws, each from statistics pooled over every real chain
-of the mesh (``ensemble.gather_lanes``: one collective per warmup transition,
+length follows Adam on the ChEES criterion, and the metric (``"diag"``,
+``"fisher"`` or ``"lowrank"``, ``metric_window``) is estimated from the
+draws, each from statistics pooled over every real chain of the mesh
+(``ensemble.gather_lanes``: one collective per warmup transition, and for
+``"lowrank"`` one more at each window's end to gather the lanes' buffers;
 none per leapfrog step, none after warmup). After warmup everything is
 frozen: plain Metropolis-adjusted HMC.
 
@@ -27,19 +29,15 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from chainmesh.kernels import hmc
+from chainmesh.kernels import hmc, metric_window, metrics
 from chainmesh.kernels.ensemble import (
     AxisName,
-    Welford,
     first_lane,
     gather_lanes,
     mass_schedule,
     replicate,
-    welford_batch,
-    welford_init,
-    welford_merge,
-    welford_variance,
 )
+from chainmesh.kernels.metric_window import DrawBuffer, MetricWindow
 
 DA_GAMMA, DA_T0, DA_KAPPA = 0.05, 10.0, 0.75
 """Nesterov dual averaging constants (Stan's and NumPyro's)."""
@@ -92,8 +90,8 @@ class ChEESAdaptState(NamedTuple):
             trajectory length after warmup.
         adam_m: Adam's first moment of the ChEES gradient.
         adam_v: Adam's second moment.
-        inv_mass: ``(d,)`` diagonal inverse mass matrix.
-        welford: Pooled moments of the current mass matrix window.
+        metric: The inverse mass matrix (``metrics.Metric``, O(d k)).
+        window: Pooled moments of the current metric window.
     """
 
     step: jax.Array
@@ -106,8 +104,13 @@ class ChEESAdaptState(NamedTuple):
     log_trajectory_length_avg: jax.Array
     adam_m: jax.Array
     adam_v: jax.Array
-    inv_mass: jax.Array
-    welford: Welford
+    metric: metrics.Metric
+    window: MetricWindow
+
+    @property
+    def inv_mass(self) -> jax.Array:
+        """The diagonal of the inverse mass matrix."""
+        return metrics.inverse_mass_diagonal(self.metric)
 
 
 class ChEESState(NamedTuple):
@@ -118,12 +121,15 @@ class ChEESState(NamedTuple):
         potential_energy: ``(lanes,)``.
         grad: Gradient of the potential, structured like ``position``.
         adapt: ``ChEESAdaptState`` replicated on every lane.
+        buffer: Each lane's draws kept for the low-rank estimate (None
+            unless ``"lowrank"``).
     """
 
     position: Any
     potential_energy: jax.Array
     grad: Any
     adapt: ChEESAdaptState
+    buffer: DrawBuffer
 
 
 class ChEESInfo(NamedTuple):
@@ -162,6 +168,7 @@ def init(
     potential_fn: Callable,
     step_size: float = 1.0,
     trajectory_length: float = RESTART_LENGTH,
+    metric: str = "diag",
 ) -> ChEESState:
     """The state of a block of chains at ``positions``.
 
@@ -170,12 +177,16 @@ def init(
         potential_fn: Negative log density of one chain's position pytree.
         step_size: Initial step size (dual averaging adjusts it).
         trajectory_length: Initial trajectory length (Adam adjusts it).
+        metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
     """
     potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
     flat, _ = _flat(positions)
     lanes, dim = flat.shape
-    adapt = init_adapt(dim, flat.dtype, step_size, trajectory_length)
-    return ChEESState(positions, potential, grad, replicate(adapt, lanes))
+    adapt = init_adapt(dim, flat.dtype, step_size, trajectory_length, metric)
+    buffer = metric_window.buffer_init(metric, dim, flat.dtype)
+    return ChEESState(
+        positions, potential, grad, replicate(adapt, lanes), replicate(buffer, lanes)
+    )
 
 
 def init_adapt(
@@ -183,6 +194,7 @@ def init_adapt(
     dtype: Any,
     step_size: Any = 1.0,
     trajectory_length: float = RESTART_LENGTH,
+    metric: str = "diag",
 ) -> ChEESAdaptState:
     """The shared adaptation state before the first transition (one copy).
 
@@ -191,6 +203,7 @@ def init_adapt(
         dtype: Floating dtype of the positions.
         step_size: Initial step size.
         trajectory_length: Initial trajectory length.
+        metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
     """
     log_eps = jnp.log(jnp.asarray(step_size, dtype))
     log_t = jnp.log(jnp.asarray(trajectory_length, dtype))
@@ -206,8 +219,8 @@ def init_adapt(
         log_trajectory_length_avg=log_t,
         adam_m=zero,
         adam_v=zero,
-        inv_mass=jnp.ones(dim, dtype),
-        welford=welford_init(dim, dtype),
+        metric=metric_window.initial_metric(metric, dim, dtype),
+        window=metric_window.window_init(metric, dim, dtype),
     )
 
 
@@ -221,6 +234,7 @@ def build_step(
     adam_betas: tuple[float, float] = (0.0, 0.95),
     max_num_steps: int = 1000,
     max_delta_energy: float = 1000.0,
+    metric: str = "diag",
 ) -> Callable[[jax.Array, ChEESState, jax.Array], tuple[ChEESState, ChEESInfo]]:
     """Build ``step(keys, state, real) -> (state, info)`` for a block of chains.
 
@@ -239,14 +253,18 @@ def build_step(
         adam_betas: Adam's ``(beta1, beta2)``; the paper's ``(0, 0.95)``.
         max_num_steps: Cap on the leapfrog steps of a transition.
         max_delta_energy: Energy error beyond which a transition diverges.
+        metric: The metric adapted: ``"diag"`` (Stan's regularized
+            variance), ``"fisher"`` or ``"lowrank"`` (``metric_window``).
     """
     collect, window_end = mass_schedule(num_warmup)
+    slots = jnp.asarray(metric_window.buffer_slots(num_warmup))
     restart = window_end.copy()
     restart[np.flatnonzero(window_end)[-1:]] = False  # not after the last window
     gather = partial(gather_lanes, axis_name=axis_name)
     hyper = _Hyper(
         num_warmup, target_accept, gather, learning_rate, *adam_betas,
         max_num_steps, *map(jnp.asarray, (collect, window_end, restart)),
+        metric, axis_name,
     )  # fmt: skip
 
     def step(
@@ -269,17 +287,23 @@ def build_step(
             return potential_fn(unravel(q))
 
         start = (x0, state.potential_energy, _flat(state.grad)[0])
-        moved = hmc.transition(potential, keys, start, eps, a.inv_mass, num_steps)
+        moved = hmc.transition(potential, keys, start, eps, a.metric, num_steps)
+        t = jnp.minimum(a.step, max(num_warmup, 1) - 1)
+        slot = jnp.where(warm, slots[t], -1)
+        kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
 
         def adapt(a: ChEESAdaptState) -> ChEESAdaptState:
-            return _adapt(a, _Stats(x0, moved, real, jitter * length), hyper)
+            return _adapt(a, _Stats(x0, moved, real, jitter * length, kept), hyper)
 
+        ended = warm & hyper.window_end[t]
+        buffer = metric_window.restart(kept, ended)
         a = lax.cond(warm, adapt, lambda a: a._replace(step=a.step + 1), a)
         new = ChEESState(
             jax.vmap(unravel)(moved.x),
             moved.potential_energy,
             jax.vmap(unravel)(moved.grad),
             replicate(a, lanes),
+            buffer,
         )
         info = ChEESInfo(
             accept_prob=moved.accept_prob,
@@ -306,6 +330,8 @@ class _Hyper(NamedTuple):
     collect: jax.Array  # bool per warmup transition: add draws to the window
     window_end: jax.Array  # bool per warmup transition: update the mass matrix
     restart: jax.Array  # bool per warmup transition: restart the length
+    metric: str  # "diag", "fisher" or "lowrank"
+    axis_name: AxisName  # to gather the lanes' buffers over
 
 
 class _Stats(NamedTuple):
@@ -315,6 +341,7 @@ class _Stats(NamedTuple):
     moved: hmc.Moved  # proposals, momenta, new positions, acceptance
     real: jax.Array  # (lanes,) bool
     time: jax.Array  # its jittered trajectory length
+    buffer: DrawBuffer | None  # lanes' kept draws, this transition's included
 
 
 def _chees_gradient(
@@ -330,6 +357,8 @@ def _chees_gradient(
         "x": stats.moved.x,
         "accept_prob": stats.moved.accept_prob,
     }
+    if hyper.metric == "fisher":
+        per_lane["grad"] = stats.moved.grad
     lanes, real = hyper.gather(per_lane, stats.real)
     accept_prob = lanes["accept_prob"]
 
@@ -338,21 +367,23 @@ def _chees_gradient(
         mask = real.reshape(real.shape + (1,) * (v.ndim - 1))
         return jnp.where(mask, v, jnp.zeros((), v.dtype)).sum(0)
 
-    # ChEES lives in the whitened space of the current mass matrix: positions
-    # x / sd and velocities d(x / sd)/dt = sd * p, with sd = sqrt(inv_mass).
-    # Both are centred about the running mean, a shift known on every lane,
-    # so that float32 does not cancel when the mean is large against the sd.
-    sd, shift = jnp.sqrt(a.inv_mass), a.welford.mean
-    w0 = (lanes["x0"] - shift) / sd
-    w1 = (lanes["x1"] - shift) / sd
-    v1 = lanes["p1"] * sd
+    # ChEES lives in the whitened space of the current metric Sigma = L L^T:
+    # positions L^{-1} x and velocities d(L^{-1} x)/dt = L^T p. Positions are
+    # centred about the running mean, a shift known on every lane, so that
+    # float32 does not cancel when the mean is large against the sd.
+    shift = a.window.draws.mean
+    w0 = metrics.whiten(a.metric, lanes["x0"] - shift)
+    w1 = metrics.whiten(a.metric, lanes["x1"] - shift)
+    v1 = metrics.whitened_velocity(a.metric, lanes["p1"])
     finite = jnp.isfinite(w1).all(-1) & jnp.isfinite(v1).all(-1)
     weight = jnp.where(finite & real, accept_prob, 0.0)
     w1, v1 = (jnp.where(finite[:, None], z, 0.0) for z in (w1, v1))
     pooled = {
         "n": total(jnp.ones_like(accept_prob)),
         "inv_accept": total(1.0 / jnp.maximum(accept_prob, 1e-10)),
-        "batch": jax.tree.map(total, welford_batch(a.welford, lanes["x"])),
+        "batch": jax.tree.map(
+            total, metric_window.batch(a.window, lanes["x"], lanes.get("grad"))
+        ),
     }
     weights = total(weight) + 1e-20
     c1 = w1 - total(weight[:, None] * w1) / weights
@@ -392,17 +423,21 @@ def _adapt(a: ChEESAdaptState, stats: _Stats, hyper: _Hyper) -> ChEESAdaptState:
     t = jnp.minimum(a.step, hyper.num_warmup - 1)
     # Outside the slow windows (count 0) only the mean moves, to the batch
     # mean: the shift of the next window's sums and of the ChEES centring.
-    merged = welford_merge(a.welford, pooled["batch"])
-    shifted = a.welford._replace(mean=merged.mean)
-    welford = jax.tree.map(partial(jnp.where, hyper.collect[t]), merged, shifted)
+    window = metric_window.merge(a.window, pooled["batch"], hyper.collect[t])
     ended = hyper.window_end[t]
-    inv_mass = welford_variance(welford)
+
+    def estimate() -> metrics.Metric:
+        return metric_window.estimate(
+            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name
+        )
+
+    metric = lax.cond(ended, estimate, lambda: a.metric)
     # A new metric changes the time scale: restart the length where ChEES's
     # gradient is informative, except after the last window (see
     # RESTART_LENGTH).
     log_t = jnp.where(hyper.restart[t], jnp.log(RESTART_LENGTH).astype(dtype), log_t)
     zero = jnp.zeros((), dtype)
-    emptied = Welford(zero, welford.mean, jnp.zeros_like(welford.m2))
+    emptied = metric_window.emptied(window)
     return ChEESAdaptState(
         step=a.step + 1,
         log_step_size=log_eps,
@@ -414,6 +449,6 @@ def _adapt(a: ChEESAdaptState, stats: _Stats, hyper: _Hyper) -> ChEESAdaptState:
         log_trajectory_length_avg=jnp.where(ended, log_t, log_t_avg),
         adam_m=m,
         adam_v=v,
-        inv_mass=jnp.where(ended, inv_mass, a.inv_mass),
-        welford=jax.tree.map(partial(jnp.where, ended), emptied, welford),
+        metric=metric,
+        window=jax.tree.map(partial(jnp.where, ended), emptied, window),
     )

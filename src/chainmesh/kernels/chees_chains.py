@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
-from chainmesh.kernels import chees
+from chainmesh.kernels import chees, metric_window
 from chainmesh.kernels.base import Kernel
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.kernels.pooled_nuts import POOL_AXIS
@@ -40,6 +40,7 @@ class ChEESChain(NamedTuple):
         step_size: The step size it used.
         rng_key: The chain's key, split once per transition.
         adapt: The shared adaptation state (equal on every chain).
+        buffer: The chain's draws kept for the low-rank metric estimate.
     """
 
     i: jax.Array
@@ -53,6 +54,7 @@ class ChEESChain(NamedTuple):
     step_size: jax.Array
     rng_key: jax.Array
     adapt: chees.ChEESAdaptState
+    buffer: metric_window.DrawBuffer
 
 
 def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kernel:
@@ -69,7 +71,9 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
     def init(key: jax.Array, strategy: Any, args: tuple, kwargs: dict):
         state, valid = nuts.init(key, strategy, args, kwargs)
         flat, _ = ravel_pytree(state.z)
-        adapt = chees.init_adapt(flat.size, flat.dtype, state.adapt_state.step_size)
+        adapt = chees.init_adapt(
+            flat.size, flat.dtype, state.adapt_state.step_size, metric=config.metric
+        )
         zero = jnp.zeros_like(state.accept_prob)
         chain = ChEESChain(
             i=state.i,
@@ -83,6 +87,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             step_size=state.adapt_state.step_size,
             rng_key=state.rng_key,
             adapt=adapt,
+            buffer=metric_window.buffer_init(config.metric, flat.size, flat.dtype),
         )
         return chain, valid
 
@@ -94,13 +99,14 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             config.target_accept_prob,
             POOL_AXIS,
             max_num_steps=max_steps,
+            metric=config.metric,
         )
 
         def run(s: ChEESChain) -> ChEESChain:
             keys = jax.vmap(jax.random.split)(s.rng_key)
             moved, out = step(
                 keys[:, 1],
-                chees.ChEESState(s.z, s.potential_energy, s.z_grad, s.adapt),
+                chees.ChEESState(s.z, s.potential_energy, s.z_grad, s.adapt, s.buffer),
                 real,
             )
             return ChEESChain(
@@ -115,6 +121,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
                 step_size=out.step_size,
                 rng_key=keys[:, 0],
                 adapt=moved.adapt,
+                buffer=moved.buffer,
             )
 
         return run

@@ -8,8 +8,9 @@ with ``U`` ``(d, k)`` orthonormal columns and ``lam`` ``(k,)`` positive
 (Seyboldt, Carlson & Carpenter's low-rank-modified mass matrix, nutpie's
 ``low_rank_modified_mass_matrix``). A column whose ``lam`` is 1 (or whose
 ``U`` column is zero) acts as the identity, so a fixed ``k`` holds fewer
-effective directions; ``k = 0`` is a diagonal metric with inverse mass
-``scale**2``. Every operation here costs O(d k) per vector.
+effective directions; without ``U`` and ``lam`` (None) the metric is
+diagonal, with inverse mass ``scale**2``. Every operation here costs O(d k)
+per vector.
 
 Estimators (pure functions of draws and gradients of log p):
 
@@ -47,27 +48,31 @@ class Metric(NamedTuple):
 
     Attributes:
         scale: ``(d,)`` positive diagonal scale (marginal sd-like).
-        U: ``(d, k)`` orthonormal (or zero) columns.
-        lam: ``(k,)`` positive eigenvalues of the correction.
+        U: ``(d, k)`` orthonormal (or zero) columns; None: diagonal.
+        lam: ``(k,)`` positive eigenvalues of the correction; None: diagonal.
     """
 
     scale: jax.Array
-    U: jax.Array
-    lam: jax.Array
+    U: jax.Array | None = None
+    lam: jax.Array | None = None
 
 
 def diagonal(inv_mass: jax.Array, rank: int = 0) -> Metric:
     """The diagonal metric with inverse mass ``inv_mass`` ``(d,)``, held with
     ``rank`` inactive low-rank columns (so its shape fits a low-rank state)."""
-    d, dtype = inv_mass.shape[-1], inv_mass.dtype
-    return Metric(
-        jnp.sqrt(inv_mass), jnp.zeros((d, rank), dtype), jnp.ones(rank, dtype)
-    )
+    return _with_rank(jnp.sqrt(inv_mass), rank)
+
+
+def _with_rank(scale: jax.Array, rank: int) -> Metric:
+    if rank == 0:
+        return Metric(scale)
+    d, dtype = scale.shape[-1], scale.dtype
+    return Metric(scale, jnp.zeros((d, rank), dtype), jnp.ones(rank, dtype))
 
 
 def _correct(y: jax.Array, m: Metric, power: float) -> jax.Array:
     """``(I + U (lam**power - I) U^T) y`` for ``y`` ``(..., d)``."""
-    if m.U.shape[-1] == 0:  # a diagonal metric
+    if m.U is None:  # a diagonal metric
         return y
     coef = (y @ m.U) * (m.lam**power - 1.0)
     return y + coef @ m.U.T
@@ -109,7 +114,9 @@ def whitened_velocity(m: Metric, p: jax.Array) -> jax.Array:
 
 def inverse_mass_diagonal(m: Metric) -> jax.Array:
     """The diagonal of ``Sigma`` ``(d,)`` (marginal variances it assumes)."""
-    return m.scale**2 * (1.0 + (m.U**2 * (m.lam - 1.0)).sum(-1))
+    if m.U is None:
+        return m.scale**2
+    return m.scale**2 * (1.0 + (m.U**2 * (m.lam[..., None, :] - 1.0)).sum(-1))
 
 
 def fisher_scale(var_x: jax.Array, var_grad: jax.Array) -> jax.Array:
@@ -129,9 +136,7 @@ def fisher(draws: Welford, grads: Welford, rank: int = 0) -> Metric:
             sign does not enter a variance), over the same draws.
         rank: Inactive low-rank columns to hold (see ``diagonal``).
     """
-    scale = fisher_scale(draws.m2, grads.m2)  # the common 1 / count cancels
-    d, dtype = scale.shape[0], scale.dtype
-    return Metric(scale, jnp.zeros((d, rank), dtype), jnp.ones(rank, dtype))
+    return _with_rank(fisher_scale(draws.m2, grads.m2), rank)  # 1 / count cancels
 
 
 def _floor(vals: jax.Array) -> jax.Array:
