@@ -365,3 +365,16 @@ def test_a_batched_model_that_needs_data_values_names_the_fixes(count_compiles):
     with pytest.raises(jax.errors.TracerBoolConversionError) as info:
         cm.BatchSampler(needs_a_latent_value, 2, **SMALL).run(0, np.stack([Y, Y]))
     assert any(entry.name == "needs_a_latent_value" for entry in info.traceback)
+
+
+def test_a_failed_retry_leaves_no_static_argument_behind():
+    """Static ``y`` gets past the value the model needed, then the model fails
+    on the string: later calls still take ``y`` as data."""
+    sampler = cm.Sampler(normal_mean, **SMALL)
+    with (
+        pytest.warns(UserWarning, match=r"needs the values of \['y'\]"),
+        pytest.raises(Exception) as info,
+    ):
+        sampler.run(0, [Y, "x"])
+    assert not isinstance(info.value, arguments.NEEDS_VALUE)
+    assert sampler.run(0, Y).stats["static_args"] == []

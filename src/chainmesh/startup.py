@@ -68,7 +68,6 @@ def _programs(
             info = inspect_model(bound, *sampler._one_dataset(data))
         except arguments.NEEDS_VALUE as err:
             found = arguments.find_static(call, err, sampler._batched)
-            sampler._auto_static = (*sampler._auto_static, *found)
             warnings.warn(
                 f"{getattr(sampler.model, '__name__', 'the model')} needs the "
                 f"values of {found} while it is traced; chainmesh compiles them "
@@ -78,7 +77,10 @@ def _programs(
                 UserWarning,
                 stacklevel=5,
             )
-            return _programs(sampler, call.with_static(found))
+            found_programs = _programs(sampler, call.with_static(found))
+            # Kept static for later calls only once the model traced with them.
+            sampler._auto_static = (*sampler._auto_static, *found)
+            return found_programs
         except Exception as err:
             _note_static(err, call)
             raise
