@@ -15,14 +15,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nuts-map": {"inner": "map"},
     "nuts-ensemble": {"adapt": "ensemble"},
     "chees": {"kernel": "chees"},
+    "chees-fisher": {"kernel": "chees", "metric": "fisher"},
+    "chees-lowrank": {"kernel": "chees", "metric": "lowrank"},
     "nuts-async": {"inner": "async"},
     # One lane for every two chains: lanes hand chains over as they finish.
     "nuts-async-lanes": {"inner": "async", "lanes": 1, "devices": 2},
 }
 
 UNSUPPORTED: dict[str, tuple[str, ...]] = {
-    # ChEES adapts a diagonal metric and its own acceptance target (0.651).
+    # ChEES adapts its own acceptance target (0.651) and no dense metric: a
+    # posterior's dense_mass=True would conflict with its metric.
     "chees": ("dense_mass", "target_accept_prob"),
+    "chees-fisher": ("dense_mass", "target_accept_prob"),
+    "chees-lowrank": ("dense_mass", "target_accept_prob"),
 }
 
 

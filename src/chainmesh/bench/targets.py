@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nuts-map": {"inner": "map"},
     "nuts-ensemble": {"adapt": "ensemble"},
     "chees": {"kernel": "chees"},
+    "chees-fisher": {"kernel": "chees", "metric": "fisher"},
+    "chees-lowrank": {"kernel": "chees", "metric": "lowrank"},
     "nuts-async": {"inner": "async"},
     # One lane for every two chains: lanes hand chains over as they finish.
     "nuts-async-lanes": {"inner": "async", "lanes": 1, "devices": 2},
@@ -41,8 +43,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "chees": ("dense_mass", "target_accept_prob"),
+    "chees-fisher": ("dense_mass", "target_accept_prob"),
+    "chees-lowrank": ("dense_mass", "target_accept_prob"),
 }
-"""Target settings a configuration does not take (ChEES: diagonal metric)."""
+"""Target settings a configuration does not take (ChEES: no dense metric,
+its own acceptance target)."""
 
 DEFAULT_CONFIGS = ("nuts-vmap", "nuts-ensemble", "chees")
 """The configurations ``--quick`` runs: one per kernel and adaptation; the
