@@ -104,6 +104,7 @@ def x64():
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lanes", [None, 3])
 def test_numpyro_transitions_float64(x64, lanes):
     """100 transitions (50 of warmup) in two chunks are NumPyro's, per chain."""
@@ -138,6 +139,7 @@ def test_lanes_fewer_than_chains_same_draws(x64):
         assert_close(out[:3], outs[0][:3], 1e-12)
 
 
+@pytest.mark.slow
 def test_dense_mass_float64(x64):
     """Dense mass: warmup through a mass-matrix window (30 of 40 transitions)."""
     s = setup(np.float64, dense=True, num_warmup=30)

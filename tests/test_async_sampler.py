@@ -27,6 +27,7 @@ feedback loop, and after 60 warmup transitions even map and vmap (NumPyro's
 transition, vmapped or not) differ by 1e-5 on eight schools."""
 
 
+@pytest.mark.slow
 def test_async_draws_equal_map_in_float64():
     """Eight schools in float64: every chain's draws and fields under async
     (one lane per chain, and 3 lanes for 4 chains per device) equal map's."""

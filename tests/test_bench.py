@@ -187,6 +187,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # one worker runs the sweep once
 def test_tiny_run_writes_the_three_files(tiny_run):
     out, results = tiny_run
     text = (out / "results.md").read_text()
@@ -206,6 +207,7 @@ def test_tiny_run_writes_the_three_files(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # one worker runs the sweep once
 def test_tiny_run_numbers_agree_with_each_other(tiny_run):
     """Two accountings of the same work must agree, and ratios must be the
     ratios of the numbers they are made of."""
@@ -245,6 +247,7 @@ def test_tiny_run_numbers_agree_with_each_other(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run")  # one worker runs the sweep once
 def test_tiny_run_warm_chainmesh_calls_compile_nothing(tiny_run):
     _, results = tiny_run
     for run in results["runs"]:

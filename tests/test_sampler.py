@@ -277,6 +277,7 @@ def test_seed_forms_agree():
     np.testing.assert_array_equal(by_int, by_typed)
 
 
+@pytest.mark.slow
 def test_float64():
     X, y = linreg_data()
     kw = {
