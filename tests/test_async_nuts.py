@@ -131,6 +131,7 @@ def test_numpyro_transitions_float64(x64, lanes):
     np.testing.assert_array_equal(extra["num_steps"], ref_extra["num_steps"])
 
 
+@pytest.mark.slow
 def test_lanes_fewer_than_chains_same_draws(x64):
     """Chains hand their lanes on; chain i's draws do not depend on lanes."""
     s = setup(np.float64)

@@ -46,6 +46,7 @@ def _kill_child(directory: Path, stop_at: int, when: str, init: str = "default")
         child.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stop_at", "when", "resumes_at"),
     [

@@ -76,6 +76,7 @@ def test_posterior_matches_nuts(four_by_two):
             assert abs(x[..., j].mean() - truth[j]) < 5 * se + 1e-3, (site, j)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(KERNELS))
 def test_the_device_split_changes_only_rounding(name):
     """1 device x 8 chains and 4 devices x 2: the same pooled statistics, up
