@@ -206,8 +206,11 @@ def _lowrank(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``lowrank``'s estimate for one matrix of rows; ``(scale, U, lam)``."""
     d, dtype = draws.shape[1], draws.dtype
+    # A row with a non-finite coordinate carries no usable geometry.
+    keep = keep & jnp.isfinite(draws).all(1) & jnp.isfinite(grads).all(1)
     mask = keep[:, None]
-    count = jnp.maximum(keep.sum().astype(dtype), 1.0)
+    rows = keep.sum()
+    count = jnp.maximum(rows.astype(dtype), 1.0)
 
     def centred(z: jax.Array) -> jax.Array:
         # Mean about a real row (the shift), so float32 does not cancel.
@@ -215,7 +218,9 @@ def _lowrank(
         return jnp.where(mask, shifted - shifted.sum(0) / count, 0.0)
 
     dx, dg = centred(draws), centred(grads)
-    scale = fisher_scale((dx * dx).sum(0) / count, (dg * dg).sum(0) / count)
+    scale = _fisher_scale_from_sd(_sd(dx, count), _sd(dg, count))
+    # Fewer than two rows: no spread to estimate; the identity.
+    scale = jnp.where((rows >= 2) & jnp.isfinite(scale), scale, 1.0)
     x, g = dx / scale, dg * scale
     basis, _ = jnp.linalg.qr(
         jnp.concatenate([_principal(x, rank), _principal(g, rank)], axis=1)
@@ -227,9 +232,31 @@ def _lowrank(
     vals = _floor(vals)
     top = jnp.argsort(-jnp.abs(jnp.log(vals)))[: min(rank, vals.shape[0])]
     lam = vals[top]
-    lam = jnp.where((lam < 1.0 / cutoff) | (lam > cutoff), lam, 1.0)
+    # n centred rows span at most n - 1 directions (nutpie keeps at most
+    # min(rows, k)); the rest of the subspace is not estimated.
+    supported = jnp.arange(lam.shape[0]) < rows - 1
+    lam = jnp.where(supported & ((lam < 1.0 / cutoff) | (lam > cutoff)), lam, 1.0)
     U = basis @ vecs[:, top]
+    # A non-finite estimate (overflowed sums, a failed decomposition): the
+    # Fisher diagonal alone.
+    good = jnp.isfinite(U).all() & jnp.isfinite(lam).all() & (lam > 0).all()
+    U, lam = jnp.where(good, U, 0.0), jnp.where(good, lam, 1.0)
     pad = rank - lam.shape[0]  # fewer directions than rank: inactive columns
     U = jnp.concatenate([U, jnp.zeros((d, pad), dtype)], axis=1)
     lam = jnp.concatenate([lam, jnp.ones(pad, dtype)])
     return scale, U, lam
+
+
+def _sd(z: jax.Array, count: jax.Array) -> jax.Array:
+    """Root mean square of the columns of ``z`` (zeros in masked rows) over
+    ``count`` rows, computed on ``z`` divided by its largest magnitude so the
+    squares do not overflow (gradients far out in the tails reach 1e20)."""
+    top = jnp.abs(z).max(0)
+    top = jnp.where(top > 0, top, 1.0)
+    return top * jnp.sqrt(((z / top) ** 2).sum(0) / count)
+
+
+def _fisher_scale_from_sd(sd_x: jax.Array, sd_grad: jax.Array) -> jax.Array:
+    """``fisher_scale`` from standard deviations: ``sqrt(sd_x / sd_grad)``,
+    with the same floor (1e-5 on the sd: 1e-10 on the variance) and clip."""
+    return jnp.clip(jnp.sqrt(sd_x / jnp.maximum(sd_grad, 1e-5)), *SCALE_RANGE)
