@@ -20,7 +20,7 @@ from numpyro.infer.util import potential_energy
 import chainmesh as cm
 from chainmesh.diagnostics import effective_sample_size
 from chainmesh.examples import eight_schools, eight_schools_data
-from chainmesh.kernels import chees, ensemble, hmc, metric_window, metrics
+from chainmesh.kernels import chees, chees_adapt, ensemble, hmc, metric_window, metrics
 from chainmesh.mesh import CHAIN
 
 SCALES = np.logspace(-1, 1, 10).astype(np.float32)
@@ -346,7 +346,7 @@ def test_the_one_collective_gradient_equals_the_two_pass_one(offset, scale):
         metric=metrics.diagonal(jnp.asarray(inv_mass)),
         window=metric_window.MetricWindow(draws, None),
     )
-    hyper = chees.build_step.__globals__["_Hyper"](
+    hyper = chees_adapt.Hyper(
         10, 0.651, partial(ensemble.gather_lanes, axis_name=CHAIN),
         0.025, 0.0, 0.95, 1000, jnp.ones(10, bool), jnp.zeros(10, bool),
         jnp.zeros(10, bool), "diag", CHAIN,
@@ -355,8 +355,8 @@ def test_the_one_collective_gradient_equals_the_two_pass_one(offset, scale):
     def pooled(x0, x1, p1, x, accept_prob, real, a):
         zeros = jnp.zeros_like(accept_prob)
         moved = hmc.Moved(x1, p1, x, zeros, x, zeros, zeros, accept_prob)
-        stats = chees._Stats(x0, moved, real, jnp.float32(1.7), None)
-        return chees._chees_gradient(a, stats, hyper)
+        stats = chees_adapt.Stats(x0, moved, real, jnp.float32(1.7), None)
+        return chees_adapt.chees_gradient(a, stats, hyper)
 
     mesh = Mesh(np.array(jax.devices()[:4]), (CHAIN,))
     fn = jax.shard_map(

@@ -10,7 +10,7 @@ run a kernel over a device's block of chains.
   iteration (``inner="async"``).
 - ``pooled_nuts``: NUTS whose step size and mass matrix adapt from
   statistics pooled over every chain of the mesh (``adapt="ensemble"``).
-- ``chees`` / ``chees_chains``: ChEES-HMC over a block of chains, its
+- ``chees`` / ``chees_adapt`` / ``chees_chains``: ChEES-HMC over a block of chains, its
   adaptation pooled over the mesh (``kernel="chees"``; ``ensemble``: pooled
   statistics; ``hmc``: one fixed-length HMC transition).
 """
