@@ -218,7 +218,14 @@ def _lowrank(
         return jnp.where(mask, shifted - shifted.sum(0) / count, 0.0)
 
     dx, dg = centred(draws), centred(grads)
-    scale = _fisher_scale_from_sd(_sd(dx, count), _sd(dg, count))
+    var_x, var_g = (dx * dx).sum(0) / count, (dg * dg).sum(0) / count
+    # Squares that overflow float32 (gradients of 1e20 far out in a tail):
+    # the same scale from standard deviations of max-normalized columns.
+    scale = jnp.where(
+        jnp.isfinite(var_x) & jnp.isfinite(var_g),
+        fisher_scale(var_x, var_g),
+        _fisher_scale_from_sd(_sd(dx, count), _sd(dg, count)),
+    )
     # Fewer than two rows: no spread to estimate; the identity.
     scale = jnp.where((rows >= 2) & jnp.isfinite(scale), scale, 1.0)
     x, g = dx / scale, dg * scale
