@@ -1,5 +1,7 @@
 """Models shared by the tests (data always arrive as arguments)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -65,3 +67,17 @@ RESUME_CONFIG = {
 def correlated(cov):
     """A zero-mean multivariate normal with covariance ``cov``."""
     numpyro.sample("x", dist.MultivariateNormal(jnp.zeros(cov.shape[0]), cov))
+
+
+@dataclasses.dataclass
+class Design:
+    """A design vector as a static object: unhashable (a dataclass with
+    ``eq``), and too long for its repr to show every value."""
+
+    X: np.ndarray
+
+
+def design_model(design):
+    """``y = 0 ~ Normal(mu * design.X, 1)``, the design static."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(mu * design.X, 1.0), obs=np.zeros(len(design.X)))

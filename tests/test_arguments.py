@@ -1,6 +1,5 @@
 """NumPyro models run unchanged: static arguments, values of data, enumeration, keys."""
 
-import dataclasses
 import math
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from models import normal_mean
+from models import Design, design_model, normal_mean
 from numpyro.contrib.funsor import markov
 from numpyro.infer import MCMC, NUTS
 
@@ -279,18 +278,6 @@ def test_a_new_static_object_gets_its_own_program():
     np.testing.assert_allclose(_energy(sampler, SlotsPrior(0.0)), HALF_LOG_2PI)
     far = _energy(sampler, SlotsPrior(50.0))
     np.testing.assert_allclose(far, 0.5 * 50.0**2 + HALF_LOG_2PI, rtol=1e-6)
-
-
-@dataclasses.dataclass
-class Design:
-    """Unhashable (a dataclass with ``eq``) and holding an array."""
-
-    X: np.ndarray
-
-
-def design_model(design):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-    numpyro.sample("y", dist.Normal(mu * design.X, 1.0), obs=np.zeros(len(design.X)))
 
 
 def test_an_unhashable_static_object_is_refused_before_compiling(count_compiles):

@@ -1,6 +1,5 @@
 """Checkpoint, resume after SIGKILL, and streaming draws to disk."""
 
-import dataclasses
 import functools
 import os
 import signal
@@ -15,7 +14,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from helpers import Interrupted, assert_same_draws, interrupt_after
-from models import RESUME_CONFIG, linreg, linreg_data
+from models import RESUME_CONFIG, Design, design_model, linreg, linreg_data
 
 import chainmesh as cm
 from chainmesh import checkpoint, identity
@@ -326,18 +325,6 @@ def scaled_linreg(X, y, scale):
         "beta", dist.Normal(0.0, scale.value).expand([X.shape[1]]).to_event(1)
     )
     numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
-
-
-@dataclasses.dataclass
-class Design:
-    """A design matrix too long for its repr to show every value."""
-
-    X: np.ndarray
-
-
-def design_model(design):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
-    numpyro.sample("y", dist.Normal(mu * design.X, 1.0), obs=np.zeros(len(design.X)))
 
 
 def test_resume_refuses_other_static_contents(tmp_path):
