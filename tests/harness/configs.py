@@ -9,24 +9,19 @@ minus those a kernel does not take (``UNSUPPORTED``).
 
 from __future__ import annotations
 
-from typing import Any
-
-from chainmesh.bench.targets import CONFIGS, UNSUPPORTED
+from chainmesh.bench.targets import (
+    CONFIGS,
+    UNSUPPORTED,
+    config_devices,
+    config_options,
+)
 
 # One table for the harness and ``chainmesh bench --suite`` (which names its
 # runs by these keys): the package holds it, the harness reads it.
 __all__ = ["CONFIGS", "UNSUPPORTED", "devices", "options"]
 
+options = config_options
+"""The Sampler options of a configuration for a model's own options."""
 
-def options(config: str, model_options: dict[str, Any]) -> dict[str, Any]:
-    """The Sampler options of ``config`` for a model with ``model_options``
-    (``devices`` apart: see ``devices``)."""
-    dropped = UNSUPPORTED.get(config, ())
-    kept = {k: v for k, v in model_options.items() if k not in dropped}
-    own = {k: v for k, v in CONFIGS[config].items() if k != "devices"}
-    return {**own, **kept}
-
-
-def devices(config: str, default: int) -> int:
-    """Devices ``config`` runs on: its own ``devices``, else ``default``."""
-    return CONFIGS[config].get("devices", default)
+devices = config_devices
+"""Devices a configuration runs on: its own ``devices``, else the default."""
