@@ -26,12 +26,15 @@ KERNELS = ("nuts", "chees")
 ADAPTATIONS = ("chain", "ensemble")
 METRICS = ("diag", "dense", "fisher", "lowrank")
 SUPPORTED_METRICS = {
-    ("nuts", "chain"): ("diag", "dense"),
-    ("nuts", "ensemble"): ("diag", "dense"),
+    ("nuts", "chain"): ("diag", "dense", "fisher", "lowrank"),
+    ("nuts", "ensemble"): ("diag", "dense", "fisher", "lowrank"),
     ("chees", "chain"): ("diag", "fisher", "lowrank"),
     ("chees", "ensemble"): ("diag", "fisher", "lowrank"),
 }
 """The metrics each (kernel, adapt) pair adapts; ChEES always pools."""
+BLOCK_METRICS = ("fisher", "lowrank")
+"""Metrics whose adaptation runs on a device's whole block of chains (it
+needs ``inner="vmap"``), NUTS's included (``kernels.metric_nuts``)."""
 TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
 """Default acceptance targets: NumPyro's for NUTS; the ChEES paper's (the
 harmonic mean of the acceptance probabilities over chains)."""
@@ -189,12 +192,19 @@ class SamplerConfig:
 
         ChEES always pools; ``adapt`` is a NUTS option and ChEES ignores it.
         """
-        pooled = self.kernel == "chees" or self.adapt == "ensemble"
-        if pooled and self.inner != "vmap":
+        if self.inner == "vmap":
+            return
+        if self.kernel == "chees" or self.adapt == "ensemble":
             what = "kernel='chees'" if self.kernel == "chees" else "adapt='ensemble'"
             raise ValueError(
                 f"{what} pools statistics over a device's chains in one "
                 f"vectorized block; it needs inner='vmap', got inner={self.inner!r}"
+            )
+        if self.metric in BLOCK_METRICS:
+            raise ValueError(
+                f"metric={self.metric!r} adapts over a device's block of chains; "
+                f"it needs inner='vmap', got inner={self.inner!r} (or use "
+                "metric='diag' or 'dense' with this inner strategy)"
             )
 
     def _check_metric(self) -> None:

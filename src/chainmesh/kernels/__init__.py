@@ -10,6 +10,8 @@ run a kernel over a device's block of chains.
   iteration (``inner="async"``).
 - ``pooled_nuts``: NUTS whose step size and mass matrix adapt from
   statistics pooled over every chain of the mesh (``adapt="ensemble"``).
+- ``metric_nuts``: NUTS with a Fisher or low-rank metric (``metric=``),
+  run on whitened coordinates; pooled or per chain.
 - ``chees`` / ``chees_adapt`` / ``chees_chains``: ChEES-HMC over a block of chains, its
   adaptation pooled over the mesh (``kernel="chees"``; ``ensemble``: pooled
   statistics; ``hmc``: one fixed-length HMC transition).
@@ -31,6 +33,10 @@ def build_kernel(model: Callable, config: SamplerConfig, info: ModelInfo) -> Ker
         from chainmesh.kernels.chees_chains import build_chees
 
         return build_chees(model, config, info)
+    if config.metric in ("fisher", "lowrank"):
+        from chainmesh.kernels.metric_nuts import build_metric_nuts
+
+        return build_metric_nuts(model, config, info)
     if config.inner == "async":
         from chainmesh.kernels.async_nuts import build_async
 

@@ -96,12 +96,14 @@ def window_init(kind: str, dim: int, dtype: Any) -> MetricWindow:
     return MetricWindow(welford_init(dim, dtype), grads)
 
 
-def buffer_init(kind: str, dim: int, dtype: Any) -> DrawBuffer | None:
-    """An empty buffer of one lane; None unless ``"lowrank"``."""
+def buffer_init(
+    kind: str, dim: int, dtype: Any, size: int = BUFFER
+) -> DrawBuffer | None:
+    """An empty buffer of one lane, ``size`` slots; None unless ``"lowrank"``."""
     if kind != "lowrank":
         return None
-    zeros = jnp.zeros((BUFFER, dim), dtype)
-    return DrawBuffer(zeros, zeros, jnp.zeros(BUFFER, bool))
+    zeros = jnp.zeros((size, dim), dtype)
+    return DrawBuffer(zeros, zeros, jnp.zeros(size, bool))
 
 
 def buffer_slots(num_warmup: int, size: int = BUFFER) -> np.ndarray:

@@ -108,8 +108,20 @@ def whiten(m: Metric, x: jax.Array) -> jax.Array:
     return _correct(x / m.scale, m, -0.5)
 
 
+def unwhiten(m: Metric, y: jax.Array) -> jax.Array:
+    """``L y``: positions back from whitened coordinates (``whiten``'s inverse)."""
+    return m.scale * _correct(y, m, 0.5)
+
+
+def unwhiten_gradient(m: Metric, grad: jax.Array) -> jax.Array:
+    """``L^{-T} grad``: a gradient back from whitened coordinates (the inverse
+    of ``whitened_velocity``, which is also the chain rule of ``unwhiten``)."""
+    return _correct(grad, m, -0.5) / m.scale
+
+
 def whitened_velocity(m: Metric, p: jax.Array) -> jax.Array:
-    """``L^T p``: the velocity of ``whiten(x)`` under momentum ``p``."""
+    """``L^T p``: the velocity of ``whiten(x)`` under momentum ``p``; for a
+    gradient ``g`` of ``x``, ``L^T g`` is the gradient of ``y = whiten(x)``."""
     return _correct(m.scale * p, m, 0.5)
 
 
