@@ -403,7 +403,10 @@ def test_lowrank_survives_a_stuck_chain(far):
         jnp.ones((2, size), bool),
     )
     window = metric_window.window_init("lowrank", d, jnp.float32)
-    got = metric_window.estimate("lowrank", window, buf, jnp.ones(2, bool), None)
+    previous = metric_window.initial_metric("lowrank", d, jnp.float32)
+    got = metric_window.estimate(
+        "lowrank", window, buf, jnp.ones(2, bool), None, previous
+    )
     assert all(np.isfinite(np.asarray(a)).all() for a in got)
     rows_x, rows_g = (
         np.asarray(z, np.float32).astype(np.float64) for z in (rows_x, rows_g)

@@ -43,6 +43,7 @@ def test_two_processes_match_one_process(tmp_path):
             "chees": {"kernel": "chees"},
             "ensemble": {"adapt": "ensemble"},
             "async": {"inner": "async", "lanes": 1},
+            "ensemble-lowrank": {"adapt": "ensemble", "metric": "lowrank"},
         }.items():
             one = cm.Sampler(
                 linreg, num_chains=8, devices=4, num_warmup=100, num_samples=100,

@@ -20,6 +20,7 @@ OTHERS = {
     "chees": {"kernel": "chees"},
     "ensemble": {"adapt": "ensemble"},
     "async": {"inner": "async", "lanes": 1},
+    "ensemble-lowrank": {"adapt": "ensemble", "metric": "lowrank"},
 }
 
 from chainmesh.mesh import plan_chains  # noqa: E402

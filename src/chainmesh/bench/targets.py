@@ -32,6 +32,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "nuts-vmap": {"inner": "vmap"},
     "nuts-map": {"inner": "map"},
     "nuts-ensemble": {"adapt": "ensemble"},
+    "nuts-fisher": {"metric": "fisher"},
+    "nuts-lowrank": {"metric": "lowrank"},
+    "nuts-ensemble-fisher": {"adapt": "ensemble", "metric": "fisher"},
+    "nuts-ensemble-lowrank": {"adapt": "ensemble", "metric": "lowrank"},
     "chees": {"kernel": "chees"},
     "chees-fisher": {"kernel": "chees", "metric": "fisher"},
     "chees-lowrank": {"kernel": "chees", "metric": "lowrank"},
@@ -42,14 +46,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
 """chainmesh configuration name -> ``Sampler`` options (``devices`` apart)."""
 
 UNSUPPORTED: dict[str, tuple[str, ...]] = {
+    # A Fisher or low-rank metric replaces a posterior's dense one.
+    "nuts-fisher": ("dense_mass",),
+    "nuts-lowrank": ("dense_mass",),
+    "nuts-ensemble-fisher": ("dense_mass",),
+    "nuts-ensemble-lowrank": ("dense_mass",),
     # ChEES adapts its own acceptance target (0.651) and no dense metric: a
     # posterior's dense_mass=True would conflict with its metric.
     "chees": ("dense_mass", "target_accept_prob"),
     "chees-fisher": ("dense_mass", "target_accept_prob"),
     "chees-lowrank": ("dense_mass", "target_accept_prob"),
 }
-"""Target settings a configuration does not take (ChEES: no dense metric,
-its own acceptance target)."""
+"""Target settings a configuration does not take (a metric other than the
+dense one; ChEES: its own acceptance target)."""
 
 DEFAULT_CONFIGS = ("nuts-vmap", "nuts-ensemble", "chees")
 """The configurations ``--quick`` runs: one per kernel and adaptation; the

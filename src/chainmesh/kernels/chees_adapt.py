@@ -208,8 +208,9 @@ def adapt(a: ChEESAdaptState, stats: Stats, hyper: Hyper) -> ChEESAdaptState:
 
     def estimate() -> metrics.Metric:
         return metric_window.estimate(
-            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name
-        )
+            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name,
+            a.metric,
+        )  # fmt: skip
 
     metric = lax.cond(ended, estimate, lambda: a.metric)
     # A new metric changes the time scale: restart the length where ChEES's

@@ -157,7 +157,7 @@ def build_metric_nuts(
             z_grad=state.z_grad,
             potential_energy=state.potential_energy,
             energy=state.energy,
-            num_steps=jnp.zeros((), jnp.int32),
+            num_steps=state.num_steps,
             accept_prob=state.accept_prob,
             diverging=state.diverging,
             rng_key=state.rng_key,
@@ -256,7 +256,7 @@ def _adaptation(num_warmup: int, target: float, kind: str, size: int) -> Callabl
         ended = window_end[t]
 
         def new_metric() -> metrics.Metric:
-            return metric_window.estimate(kind, window, kept, real, axis_name)
+            return metric_window.estimate(kind, window, kept, real, axis_name, a.metric)
 
         metric = lax.cond(ended, new_metric, lambda: a.metric)
         # NumPyro's restart at a window end: prox_center = log(10 step size).

@@ -188,8 +188,13 @@ def estimate(
     buf: DrawBuffer,
     real: jax.Array,
     axis_name: AxisName,
+    previous: metrics.Metric,
 ) -> metrics.Metric:
     """The metric ``kind`` from the window that just ended.
+
+    A coordinate the window saw no spread in (every draw equal: a chain
+    whose steps are below its float resolution) keeps its ``previous``
+    scale; its Fisher scale would be 0, clipped to 1e-20, and freeze it.
 
     Args:
         kind: ``"diag"`` (Stan's regularized variance), ``"fisher"`` or
@@ -198,10 +203,24 @@ def estimate(
         buf: Every lane's buffer ``(lanes, BUFFER, d)`` (``"lowrank"``).
         real: ``(lanes,)`` bool, False for padding lanes.
         axis_name: Mesh axes to gather the buffers over; None: this block.
+        previous: The metric in use during the window.
     """
-    dim = window.draws.mean.shape[0]
     if kind == "diag":
         return metrics.diagonal(welford_variance(window.draws))
+    new = _gradient_informed(kind, window, buf, real, axis_name)
+    flat = new.scale <= metrics.SCALE_RANGE[0]
+    return new._replace(scale=jnp.where(flat, previous.scale, new.scale))
+
+
+def _gradient_informed(
+    kind: str,
+    window: MetricWindow,
+    buf: DrawBuffer,
+    real: jax.Array,
+    axis_name: AxisName,
+) -> metrics.Metric:
+    """``estimate``'s ``"fisher"`` or ``"lowrank"`` metric, as estimated."""
+    dim = window.draws.mean.shape[0]
     if kind == "fisher":
         return metrics.fisher(window.draws, window.grads)
     draws, grads, filled = buf
