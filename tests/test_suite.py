@@ -140,10 +140,11 @@ def test_a_missing_peer_is_skipped_with_a_line(monkeypatch):
     )
     options = suite.resolve(suite.parser().parse_args(TINY))
     samplers, skipped = suite.plan_runs(options)
-    assert "nutpie" not in samplers
+    assert "nutpie" not in samplers and "nutpie:lowrank" not in samplers
     assert skipped == [
-        "skipped nutpie: nutpie not installed (pip install 'chainmesh[bench]' "
+        f"skipped {peer}: nutpie not installed (pip install 'chainmesh[bench]' "
         "installs every peer)"
+        for peer in ("nutpie", "nutpie:lowrank")
     ]
     assert samplers[:3] == ["numpyro", "chainmesh:nuts-vmap", "chainmesh:chees"]
 

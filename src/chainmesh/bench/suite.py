@@ -50,6 +50,7 @@ PEER_PACKAGES = {
     "blackjax:nuts": ("blackjax", "optax"),
     "blackjax:chees": ("blackjax", "optax"),
     "nutpie": ("nutpie",),
+    "nutpie:lowrank": ("nutpie",),
 }
 """Packages each peer needs (the ``bench`` extra); NumPyro is always there."""
 

@@ -136,16 +136,17 @@ def _peer(job: dict, target: Target, sampler: str) -> Callable[[int], tuple]:
     elif sampler == "blackjax:chees":
         run = peers.blackjax_chees(*shape)
         plan = f"{job['chains']} chains vmapped on the default device"
-    elif sampler == "nutpie":
+    elif sampler in ("nutpie", "nutpie:lowrank"):
         from chainmesh.bench.nutpie_peer import nutpie_sampler
 
-        run = nutpie_sampler(*shape, cores=job["devices"], low_rank=dense)
+        low_rank = dense or sampler == "nutpie:lowrank"
+        run = nutpie_sampler(*shape, cores=job["devices"], low_rank=low_rank)
         plan = f"{job['chains']} chains on {job['devices']} threads"
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
 
     def call(seed: int, cold: bool = False) -> tuple:
-        if cold and sampler == "nutpie":  # compiles the same, in fewer draws
+        if cold and sampler.startswith("nutpie"):  # compiles the same, in fewer draws
             out: PeerDraws = run(seed, target.args, draws=COLD_NUTPIE_DRAWS)
         else:
             out = run(seed, target.args)
