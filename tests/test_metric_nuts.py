@@ -176,3 +176,38 @@ def test_fisher_metric_is_the_variance_far_from_zero(adapt):
     ess = effective_sample_size(x)
     mcse = scale / np.sqrt(ess)
     np.testing.assert_array_less(np.abs(x.mean((0, 1)) - loc), 4.5 * mcse)
+
+
+def test_arviz_sample_stats(lowrank):
+    _, result = lowrank
+    stats = result.to_arviz().sample_stats
+    for name in ("lp", "energy", "diverging", "acceptance_rate", "n_steps"):
+        assert stats[name].shape == (8, 200), name
+    np.testing.assert_array_equal(stats["n_steps"].values, result.extra["num_steps"])
+    np.testing.assert_array_equal(stats["step_size"].values, result.extra["step_size"])
+
+
+def test_consensus_with_pooled_lowrank_matches_the_full_posterior():
+    """CMC over 4 shards, each adapting its own pooled low-rank metric (never
+    across shards): the combined draws match the conjugate posterior."""
+    from test_cmc import CONFIG, K, exact, regression
+
+    from chainmesh import cmc
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(1001, 3)).astype(np.float32)
+    y = (X @ np.array([1.0, -0.5, 0.2]) + rng.normal(size=1001)).astype(np.float32)
+    shards = cmc.split(X, y, num_shards=K)
+    result = cmc.sample(
+        regression, shards, seed=0, metric="lowrank", adapt="ensemble", **CONFIG
+    )
+    mean, cov = exact(X, y)
+    sd = np.sqrt(np.diag(cov))
+    chains = result.combined["beta"].reshape(CONFIG["num_chains"], -1, 3)
+    for j in range(3):
+        ess = cm.diagnostics.ess_bulk(chains[..., j])
+        error = abs(chains[..., j].mean() - mean[j])
+        assert error <= 4 * sd[j] / np.sqrt(ess) + 0.02 * sd[j]
+        assert abs(chains[..., j].std() - sd[j]) <= 0.1 * sd[j]
+    for diag in result.diagnostics:
+        assert diag["max_r_hat"] < 1.01 and diag["divergences"] == 0
