@@ -18,7 +18,23 @@ from chainmesh.bench.targets import (
 
 # One table for the harness and ``chainmesh bench --suite`` (which names its
 # runs by these keys): the package holds it, the harness reads it.
-__all__ = ["CONFIGS", "UNSUPPORTED", "devices", "options"]
+__all__ = ["CONFIGS", "UNSUPPORTED", "devices", "options", "sbc_cases"]
+
+SBC_ONLY = {
+    # The Fisher metrics share the low-rank configurations' transition
+    # (NUTS on whitened coordinates) and update; their estimator is new
+    # code, and eight schools (a funnel) is where it can go wrong.
+    "nuts-fisher": ("eight_schools_noncentered",),
+    "nuts-ensemble-fisher": ("eight_schools_noncentered",),
+}
+"""SBC models a configuration runs, where not every one: each distinct code
+path keeps SBC cases, and the suite stays within its time budget."""
+
+
+def sbc_cases(models: list[str]) -> list[tuple[str, str]]:
+    """(configuration, SBC model) pairs the SBC test runs."""
+    return [(c, m) for c in CONFIGS for m in models if m in SBC_ONLY.get(c, models)]
+
 
 options = config_options
 """The Sampler options of a configuration for a model's own options."""

@@ -17,7 +17,7 @@ from einops import rearrange
 
 import chainmesh as cm
 
-from .configs import CONFIGS, options
+from .configs import options, sbc_cases
 from .sbc_models import SBC_MODELS, simulate
 
 NUM_DATASETS = 200
@@ -119,8 +119,7 @@ def test_rank_histogram_uneven_bins() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SBC_MODELS))
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize(("config", "name"), sbc_cases(sorted(SBC_MODELS)))
 def test_ranks_uniform(config: str, name: str) -> None:
     """Every scalar parameter's SBC ranks are uniform; few divergences."""
     case = SBC_MODELS[name]
