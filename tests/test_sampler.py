@@ -18,7 +18,7 @@ from numpyro.infer.hmc_util import build_adaptation_schedule
 
 import chainmesh as cm
 from chainmesh.counters import COUNTERS, _add_wide, wide_total
-from chainmesh.kernels.nuts import EXTRA_FIELDS
+from chainmesh.kernels.base import EXTRA_FIELDS
 from chainmesh.placement import device_blocks
 
 Y = np.random.default_rng(1).normal(2.0, 1.0, size=25).astype(np.float32)

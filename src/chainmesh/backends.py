@@ -31,7 +31,7 @@ import numpy as np
 
 from chainmesh.cache import CACHE
 from chainmesh.config import SamplerConfig
-from chainmesh.kernels.nuts import EXTRA_FIELDS
+from chainmesh.kernels.base import EXTRA_FIELDS
 from chainmesh.mesh import resolve_devices
 from chainmesh.result import Result
 from chainmesh.sampler import Sampler

@@ -44,3 +44,10 @@ class Kernel(NamedTuple):
     block: Callable[..., Callable] | None = None
     fields: Callable[[Any], dict[str, jax.Array]] | None = None
     chunk: Callable[..., tuple] | None = None
+
+
+def named_fields(state: Any, step_size: jax.Array) -> dict[str, jax.Array]:
+    """The ``EXTRA_FIELDS`` of a state that holds all but the step size as
+    attributes of those names."""
+    fields = {name: getattr(state, name) for name in EXTRA_FIELDS[:-1]}
+    return fields | {"step_size": step_size}

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import chees, metric_window
-from chainmesh.kernels.base import Kernel
+from chainmesh.kernels.base import Kernel, named_fields
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.kernels.pooled_nuts import POOL_AXIS
 from chainmesh.model import ModelInfo, potential_fn_gen
@@ -130,11 +130,4 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
 
 
 def _fields(state: ChEESChain) -> dict[str, jax.Array]:
-    return {
-        "potential_energy": state.potential_energy,
-        "energy": state.energy,
-        "diverging": state.diverging,
-        "accept_prob": state.accept_prob,
-        "num_steps": state.num_steps,
-        "step_size": state.step_size,
-    }
+    return named_fields(state, state.step_size)

@@ -42,7 +42,7 @@ from numpyro.infer.util import ParamInfo
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import metric_window, metrics
-from chainmesh.kernels.base import Kernel
+from chainmesh.kernels.base import Kernel, named_fields
 from chainmesh.kernels.ensemble import (
     AxisName,
     first_lane,
@@ -273,11 +273,4 @@ def _adaptation(num_warmup: int, target: float, kind: str, size: int) -> Callabl
 
 
 def _fields(state: MetricNUTSState) -> dict[str, jax.Array]:
-    return {
-        "potential_energy": state.potential_energy,
-        "energy": state.energy,
-        "diverging": state.diverging,
-        "accept_prob": state.accept_prob,
-        "num_steps": state.num_steps,
-        "step_size": state.adapt.step.step_size,
-    }
+    return named_fields(state, state.adapt.step.step_size)

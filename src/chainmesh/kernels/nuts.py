@@ -18,7 +18,7 @@ from numpyro.infer.hmc import HMCState, hmc
 from numpyro.infer.util import ParamInfo, find_valid_initial_params
 
 from chainmesh.config import SamplerConfig
-from chainmesh.kernels.base import EXTRA_FIELDS, Kernel
+from chainmesh.kernels.base import Kernel, named_fields
 from chainmesh.model import ModelInfo, potential_fn_gen
 
 
@@ -73,6 +73,4 @@ def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kerne
 
 def extra_fields(state: HMCState) -> dict[str, jax.Array]:
     """The per-draw diagnostics of a state, named as in ``EXTRA_FIELDS``."""
-    fields = {name: getattr(state, name) for name in EXTRA_FIELDS[:-1]}
-    fields["step_size"] = state.adapt_state.step_size
-    return fields
+    return named_fields(state, state.adapt_state.step_size)
