@@ -195,8 +195,8 @@ def plot(records: list[dict], path: Path) -> Path | None:
     samplers = [s for s in _samplers(records) if s != BASELINE]
     by = {(r["posterior"], r["sampler"]): r for r in records}
     fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * len(posteriors)))
-    colors = plt.get_cmap("tab10").colors
-    shapes = "osD^v<>ph*"
+    colors = plt.get_cmap("tab20").colors
+    shapes = "osD^v<>p*"  # 9 shapes, 20 colours: no pair repeats
     offsets = np.linspace(-0.3, 0.3, max(len(samplers), 1))
     for j, sampler in enumerate(samplers):
         color, shape = colors[j % len(colors)], shapes[j % len(shapes)]

@@ -29,7 +29,7 @@ from chainmesh.bench.posteriors import POSTERIORS, stan_draws
 SUITES = ("posteriordb", "models")
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "nuts-vmap": {"inner": "vmap"},
+    "nuts-vmap": {"inner": "vmap", "metric": "diag"},
     "nuts-map": {"inner": "map"},
     "nuts-ensemble": {"adapt": "ensemble"},
     "nuts-fisher": {"metric": "fisher"},

@@ -158,8 +158,13 @@ def _longer(seconds: float) -> int:
 
 def run_chainmesh(job: dict, devices: int, inner: str, **options: Any) -> dict:
     """chainmesh ``Sampler`` on ``devices`` devices with ``inner`` per device
-    and other ``Sampler`` ``options`` (kernel, adaptation)."""
+    and other ``Sampler`` ``options`` (kernel, adaptation). The metric is
+    ``"diag"`` unless ``options`` name one: these methods compare NumPyro's
+    algorithm run by chainmesh against NumPyro (the metrics are compared by
+    ``chainmesh bench --suite``)."""
     import chainmesh as cm
+
+    options = {"metric": "diag", **options}
 
     def sampler(num_samples: int = job["samples"]) -> cm.Sampler:
         return cm.Sampler(

@@ -118,8 +118,7 @@ def build_metric_nuts(
     enum = bool(info.enumerated)
     kind, pooled = config.metric, config.adapt == "ensemble"
     size = metric_window.BUFFER if pooled else CHAIN_BUFFER
-    prototype = {k: jnp.zeros(s.shape, s.dtype) for k, s in info.unconstrained.items()}
-    _, unravel = ravel_pytree(prototype)
+    unravel = _unraveler(info)
 
     def whitened_gen(metric: metrics.Metric, args: tuple, kwargs: dict) -> Callable:
         pe = potential_fn(model, args, kwargs, enum)
@@ -227,17 +226,38 @@ def build_metric_nuts(
     return Kernel(init=init, step=None, block=block, fields=_fields)
 
 
+def _unraveler(info: ModelInfo) -> Callable:
+    """``ravel_pytree``'s inverse for the model's unconstrained sites, built
+    abstractly (building a sampler must not compile: bad input is refused
+    before any compilation)."""
+    out = []
+
+    def flat() -> jax.Array:
+        prototype = {
+            k: jnp.zeros(s.shape, s.dtype) for k, s in info.unconstrained.items()
+        }
+        vector, unravel = ravel_pytree(prototype)
+        out.append(unravel)
+        return vector
+
+    jax.eval_shape(flat)
+    return out[0]
+
+
 def _adaptation(num_warmup: int, target: float, kind: str, size: int) -> Callable:
     """``(t, block, real, axis_name) -> block``: the update after warmup
     transition ``t``, its statistics pooled over the block's real lanes and
     ``axis_name`` (one collective; one more at a ``"lowrank"`` window end)."""
-    collect, window_end = (jnp.asarray(a) for a in mass_schedule(num_warmup))
-    slots = jnp.asarray(metric_window.buffer_slots(num_warmup, size))
+    # NumPy here, constants of the traced update below: building a sampler
+    # must not compile (a host array put on a device compiles a program).
+    slots = metric_window.buffer_slots(num_warmup, size)
+    schedule = (*mass_schedule(num_warmup), slots)
     ss_init, ss_update = dual_averaging()
 
     def update(
         t: jax.Array, s: MetricNUTSState, real: jax.Array, axis_name: AxisName
     ) -> MetricNUTSState:
+        collect, window_end, slots = (jnp.asarray(z) for z in schedule)
         a = first_lane(s.adapt)
         x = jax.vmap(lambda z: ravel_pytree(z)[0])(s.z)
         grad = jax.vmap(lambda z: ravel_pytree(z)[0])(s.z_grad)
