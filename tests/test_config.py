@@ -71,8 +71,13 @@ def test_model_must_be_callable():
         ({"sigma": np.ones((4, 2))}, r"expected the site shape"),
     ],
 )
-def test_bad_init_params(init_params, match, count_compiles):
-    sampler = cm.Sampler(scale_model, num_chains=4, devices=2, **SMALL)
+@pytest.mark.parametrize(
+    "options", [{}, {"metric": "diag"}, {"adapt": "ensemble"}, {"kernel": "chees"}]
+)
+def test_bad_init_params(init_params, match, options, count_compiles):
+    """Refused before any compilation, whichever kernel is built (building
+    one once put its warmup schedule on a device, which compiles)."""
+    sampler = cm.Sampler(scale_model, num_chains=4, devices=2, **SMALL, **options)
     with count_compiles() as c, pytest.raises(ValueError, match=match):
         sampler.run(0, Y, init_params=init_params)
     assert c.count == 0

@@ -63,8 +63,7 @@ def build_pooled_nuts(
     nuts = build_nuts(model, config, info)
     frozen = build_nuts(model, dataclasses.replace(config, num_warmup=0), info)
     num_warmup = config.num_warmup
-    collect, window_end = mass_schedule(num_warmup)
-    collect, window_end = jnp.asarray(collect), jnp.asarray(window_end)
+    schedule = mass_schedule(num_warmup)  # NumPy: building must not compile
     ss_init, ss_update = dual_averaging()
     _, _, mm_final = welford_covariance(diagonal=not config.dense_mass)
     target = config.target_accept_prob
@@ -85,6 +84,7 @@ def build_pooled_nuts(
 
         def update(t: jax.Array, state: HMCState) -> HMCState:
             """The pooled warmup update after transition ``t``."""
+            collect, window_end = (jnp.asarray(z) for z in schedule)
             adapt = first_lane(state.adapt_state)
             flat = jax.vmap(lambda z: ravel_pytree(z)[0])(state.z)
             (block_name,) = adapt.mm_state
