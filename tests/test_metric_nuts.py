@@ -211,3 +211,23 @@ def test_consensus_with_pooled_lowrank_matches_the_full_posterior():
         assert abs(chains[..., j].std() - sd[j]) <= 0.1 * sd[j]
     for diag in result.diagnostics:
         assert diag["max_r_hat"] < 1.01 and diag["divergences"] == 0
+
+
+@pytest.mark.parametrize("metric", ["fisher", "lowrank"])
+@pytest.mark.parametrize("adapt", ["chain", "ensemble"])
+def test_adaptation_stops_after_warmup(metric, adapt):
+    """Every sampling draw of a chain uses the step size warmup ended with,
+    and the metric does not move: the update runs only while ``i <
+    num_warmup`` (it once compared the transition index after clamping it to
+    the last warmup transition, so it kept adapting while sampling)."""
+    config = {**BASE, "num_warmup": 150, "num_samples": 100}
+    result = run(metric=metric, adapt=adapt, **config)
+    steps = result.extra["step_size"]
+    np.testing.assert_array_equal(steps, np.broadcast_to(steps[:, :1], steps.shape))
+    short = run(metric=metric, adapt=adapt, **{**config, "num_samples": 10})
+    np.testing.assert_array_equal(short.extra["step_size"][:, 0], steps[:, 0])
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        result.state.adapt.metric,
+        short.state.adapt.metric,
+    )

@@ -217,9 +217,9 @@ def build_metric_nuts(
             s = step(s)
             if config.num_warmup == 0:
                 return s
-            t = jnp.minimum(t, config.num_warmup - 1)
             warm = t < config.num_warmup
-            return lax.cond(warm, partial(update, t), lambda b: b, s)
+            last = jnp.minimum(t, config.num_warmup - 1)  # an index of the schedule
+            return lax.cond(warm, partial(update, last), lambda b: b, s)
 
         return run
 
