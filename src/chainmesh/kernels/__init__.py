@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from chainmesh.config import SamplerConfig
+from chainmesh.config import BLOCK_METRICS, SamplerConfig
 from chainmesh.kernels.base import EXTRA_FIELDS, Kernel
 from chainmesh.kernels.nuts import build_nuts, extra_fields
 from chainmesh.model import ModelInfo
@@ -33,7 +33,7 @@ def build_kernel(model: Callable, config: SamplerConfig, info: ModelInfo) -> Ker
         from chainmesh.kernels.chees_chains import build_chees
 
         return build_chees(model, config, info)
-    if config.metric in ("fisher", "lowrank"):
+    if config.metric in BLOCK_METRICS:
         from chainmesh.kernels.metric_nuts import build_metric_nuts
 
         return build_metric_nuts(model, config, info)

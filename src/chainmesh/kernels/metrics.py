@@ -95,7 +95,7 @@ def momentum(m: Metric, noise: jax.Array) -> jax.Array:
     ``Sigma = L L^T`` with ``L = diag(scale) (I + U (lam**0.5 - I) U^T)``;
     the momentum is ``L^{-T} noise``.
     """
-    return _correct(noise, m, -0.5) / m.scale
+    return unwhiten_gradient(m, noise)
 
 
 def draw_momentum(key: jax.Array, m: Metric) -> jax.Array:
