@@ -212,8 +212,8 @@ class SamplerConfig:
     def default_metric(self) -> str:
         """The metric ``metric=None`` stands for: ``"dense"`` with
         ``dense_mass=True``; ``"lowrank"`` for NUTS with per-chain adaptation
-        on ``inner="vmap"`` (the posteriordb scoreboard's winner: median 15x
-        NumPyro's effective draws per gradient, no posterior below 1.8x);
+        on ``inner="vmap"`` (the posteriordb scoreboard's winner: median 12x
+        NumPyro's effective draws per gradient, no posterior below 1.1x);
         ``"diag"`` otherwise (``docs/kernels.md``)."""
         if self.dense_mass:
             return "dense"

@@ -74,7 +74,7 @@ class Sampler:
             ``sqrt(var(x) / var(grad log p))``) or ``"lowrank"`` (nutpie's
             low-rank-modified Fisher diagonal); ``docs/kernels.md`` says which
             kernel and ``adapt`` adapt which. None (default): ``"lowrank"``
-            for NUTS with ``adapt="chain"`` and ``inner="vmap"`` (median 15x
+            for NUTS with ``adapt="chain"`` and ``inner="vmap"`` (median 12x
             NumPyro's effective draws per gradient over the posteriordb
             scoreboard), ``"diag"`` otherwise; ``"diag"`` is NumPyro's
             adaptation.
