@@ -28,10 +28,11 @@ import jax
 import numpy as np
 
 from chainmesh import identity
+from chainmesh.placement import from_main
 from chainmesh.store import FileStore, MemoryStore, NullStore
 
 FILE = "checkpoint.npz"
-FORMAT = 4
+FORMAT = 5
 
 
 class Saved(NamedTuple):
@@ -265,22 +266,6 @@ def _decide(
     return decision, blob
 
 
-def _share(blob: bytes | None) -> bytes:
-    """Process 0's ``blob`` on every process (the others pass None)."""
-    if jax.process_count() == 1:
-        return blob
-    from jax.experimental.multihost_utils import broadcast_one_to_all
-
-    # Every process must pass arrays of the payload's shape: the length first.
-    # Bytes, not float arrays: the broadcast sums with zeros, -0.0 + 0.0 = 0.0.
-    source = jax.process_index() == 0
-    size = divmod(len(blob), 2**30) if source else (0, 0)
-    high, low = broadcast_one_to_all(np.array(size, np.int32))
-    size = int(high) * 2**30 + int(low)
-    buffer = np.frombuffer(blob, np.uint8) if source else np.zeros(size, np.uint8)
-    return np.asarray(broadcast_one_to_all(buffer), np.uint8).tobytes()
-
-
 def _agree(error: str | None) -> None:
     """Raise on every process if any process failed, so none waits alone."""
     if jax.process_count() > 1:
@@ -341,10 +326,10 @@ def attach(
         error = str(err)
     _agree(error)  # a process whose disk is full must not leave the others waiting
     decision, blob = _decide(directory, manifest, store, resume)
-    decision = json.loads(_share(json.dumps(decision).encode()))
+    decision = json.loads(from_main(json.dumps(decision).encode()))
     if decision["error"] is not None:
         raise ValueError(decision["error"])
-    saved = _parse(_share(blob)) if decision["resume"] else None
+    saved = _parse(from_main(blob)) if decision["resume"] else None
     record = saved.manifest["store"] if saved is not None else {}
     error = None
     try:

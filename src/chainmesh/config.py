@@ -39,6 +39,12 @@ TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
 """Default acceptance targets: NumPyro's for NUTS; the ChEES paper's (the
 harmonic mean of the acceptance probabilities over chains)."""
 DEFAULT_CHUNK_DRAWS = 100
+DEFAULT_NUM_SAMPLES = 1000
+DEFAULT_MAX_WARMUP = 1000
+DEFAULT_MAX_SAMPLES = 5000
+DEFAULT_MAX_RHAT = 1.01
+SUPERCHAIN = 4
+"""Chains per superchain of nested R-hat (``max_nested_rhat``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +59,14 @@ class SamplerConfig:
 
     Args:
         num_chains: Number of chains returned (padding chains are extra).
-        num_warmup: Warmup (adaptation) transitions per chain.
-        num_samples: Transitions per chain after warmup.
+        num_warmup: Warmup (adaptation) transitions per chain, or "auto":
+            warmup ends at a window boundary once the adaptation has settled
+            (``chainmesh.stopping``), at most ``max_warmup``. After
+            validation it is an int: the length of the warmup schedule (with
+            "auto", ``max_warmup``; ``auto_warmup`` says which).
+        num_samples: Transitions per chain after warmup; with stopping
+            targets, the most the run may take (``max_samples``). None:
+            1000, or ``max_samples`` with targets.
         thinning: Keep every ``thinning``-th transition (NumPyro's meaning):
             ``num_samples`` transitions run after warmup and
             ``num_samples // thinning`` draws are kept.
@@ -96,11 +108,25 @@ class SamplerConfig:
         static_argnames: Model arguments (names, or ``args[i]``) whose values
             are compiled into the program, arrays included (others than
             Python numbers and arrays are static anyway).
+        max_warmup: With ``num_warmup="auto"``: the longest warmup (default
+            1000).
+        target_ess: Stop sampling after the first chunk where every
+            coordinate's bulk and tail ESS reach it (None: no ESS target).
+        max_rhat: Stop only once every coordinate's rank-normalized split
+            R-hat is at most this; None: 1.01 when ``target_ess`` is set and
+            ``max_nested_rhat`` is not.
+        max_nested_rhat: Stop only once nested R-hat (superchains of 4
+            consecutive chains, Margossian et al. 2024) is at most this; needs
+            >= 16 chains, a multiple of 4.
+        max_samples: With targets, the most sampling transitions a chain runs
+            (default 5000); the run warns if it ends there short of them.
+        var_names: Sites the targets look at (None: every sample and
+            deterministic site).
     """
 
     num_chains: int = 4
-    num_warmup: int = 500
-    num_samples: int = 1000
+    num_warmup: int | str = 500
+    num_samples: int | None = None
     thinning: int = 1
     target_accept_prob: float | None = None
     max_tree_depth: int = 10
@@ -120,11 +146,18 @@ class SamplerConfig:
     gather: str = "all"
     cache_dir: str | os.PathLike | bool | None = None
     static_argnames: tuple[str, ...] = ()
+    max_warmup: int | None = None
+    target_ess: float | None = None
+    max_rhat: float | None = None
+    max_nested_rhat: float | None = None
+    max_samples: int | None = None
+    var_names: tuple[str, ...] | None = None
+    auto_warmup: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
-        _check_int("num_warmup", self.num_warmup, 0, "use 0 to skip adaptation")
-        _check_int("num_samples", self.num_samples, 1, "keep at least one draw")
+        self._check_warmup()
+        self._check_targets()
         _check_int("thinning", self.thinning, 1, "use thinning=1 to keep all")
         if self.thinning > self.num_samples:
             raise ValueError(
@@ -188,6 +221,87 @@ class SamplerConfig:
                     f"{self.inner!r}); vmap and map run one lane per chain"
                 )
         self._check_ensemble()
+
+    def _check_warmup(self) -> None:
+        """``num_warmup`` is an int, or "auto" with ``max_warmup``."""
+        if self.num_warmup == "auto":
+            top = DEFAULT_MAX_WARMUP if self.max_warmup is None else self.max_warmup
+            _check_int(
+                "max_warmup", top, 1, "the longest warmup num_warmup='auto' runs"
+            )
+            object.__setattr__(self, "auto_warmup", True)
+            object.__setattr__(self, "num_warmup", top)
+            object.__setattr__(self, "max_warmup", top)
+            return
+        if isinstance(self.num_warmup, str):
+            raise ValueError(
+                f"num_warmup must be an int or 'auto', got {self.num_warmup!r}"
+            )
+        _check_int("num_warmup", self.num_warmup, 0, "use 0 to skip adaptation")
+        if self.max_warmup is not None:
+            raise ValueError(
+                f"max_warmup={self.max_warmup} caps num_warmup='auto'; with "
+                f"num_warmup={self.num_warmup} the warmup length is fixed: pass "
+                "num_warmup='auto' or drop max_warmup"
+            )
+
+    @property
+    def stopping(self) -> bool:
+        """Whether sampling ends on targets (``target_ess``, R-hat)."""
+        targets = (self.target_ess, self.max_rhat, self.max_nested_rhat)
+        return any(t is not None for t in targets)
+
+    def _check_targets(self) -> None:
+        """Targets are positive numbers; ``num_samples`` becomes the cap."""
+        if self.target_ess is not None:
+            _check_number("target_ess", self.target_ess, 1, "e.g. 400")
+        for name in ("max_rhat", "max_nested_rhat"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, 1, "e.g. 1.01", strict=True)
+        if self.max_nested_rhat is not None:
+            c = self.num_chains
+            if c < 4 * SUPERCHAIN or c % SUPERCHAIN:
+                raise ValueError(
+                    f"max_nested_rhat groups chains in superchains of {SUPERCHAIN}; "
+                    f"it needs num_chains >= {4 * SUPERCHAIN} and a multiple of "
+                    f"{SUPERCHAIN}, got num_chains={c} (or use max_rhat)"
+                )
+        if self.var_names is not None:
+            names = self.var_names
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise TypeError(
+                    f"var_names must be a tuple of site names, got {names!r}"
+                )
+            if not names:
+                raise ValueError("var_names is empty; pass site names, or None")
+            object.__setattr__(self, "var_names", tuple(names))
+        if not self.stopping:
+            for name in ("max_samples", "var_names"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to runs that stop on targets; pass "
+                        "target_ess= (and/or max_rhat=), or drop it"
+                    )
+            samples = (
+                DEFAULT_NUM_SAMPLES if self.num_samples is None else self.num_samples
+            )
+            _check_int("num_samples", samples, 1, "keep at least one draw")
+            object.__setattr__(self, "num_samples", samples)
+            return
+        if self.num_samples is not None:
+            raise ValueError(
+                f"num_samples={self.num_samples} fixes the run's length, but "
+                "target_ess/max_rhat end it on targets; pass the cap as "
+                "max_samples= instead"
+            )
+        if self.target_ess is not None and self.max_rhat is None:
+            if self.max_nested_rhat is None:
+                object.__setattr__(self, "max_rhat", DEFAULT_MAX_RHAT)
+        top = DEFAULT_MAX_SAMPLES if self.max_samples is None else self.max_samples
+        _check_int("max_samples", top, 4, "the most sampling transitions per chain")
+        object.__setattr__(self, "max_samples", top)
+        object.__setattr__(self, "num_samples", top)
 
     def _check_ensemble(self) -> None:
         """Pooled adaptation needs a device's chains in one vectorized block.
@@ -265,6 +379,16 @@ def _check_int(name: str, value: Any, low: int, hint: str) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}; {hint}")
+
+
+def _check_number(
+    name: str, value: Any, low: float, hint: str, strict: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if value < low or (strict and value == low) or value != value:
+        sign = ">" if strict else ">="
+        raise ValueError(f"{name} must be {sign} {low}, got {value}; {hint}")
 
 
 def resolve_init_strategy(strategy: str | Callable[..., Any]) -> partial:

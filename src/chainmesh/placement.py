@@ -67,3 +67,19 @@ def device_blocks(x: np.ndarray, num_devices: int) -> np.ndarray:
 def flatten_chains(x: np.ndarray) -> np.ndarray:
     """NumPyro's flat layout: ``(chains, draws, ...) -> (chains * draws, ...)``."""
     return rearrange(x, "c d ... -> (c d) ...")
+
+
+def from_main(blob: bytes | None) -> bytes:
+    """Process 0's ``blob`` on every process (the others pass None)."""
+    if jax.process_count() == 1:
+        return blob
+    from jax.experimental.multihost_utils import broadcast_one_to_all
+
+    # Every process must pass arrays of the payload's shape: the length first.
+    # Bytes, not float arrays: the broadcast sums with zeros, -0.0 + 0.0 = 0.0.
+    source = jax.process_index() == 0
+    size = divmod(len(blob), 2**30) if source else (0, 0)
+    high, low = broadcast_one_to_all(np.array(size, np.int32))
+    size = int(high) * 2**30 + int(low)
+    buffer = np.frombuffer(blob, np.uint8) if source else np.zeros(size, np.uint8)
+    return np.asarray(broadcast_one_to_all(buffer), np.uint8).tobytes()

@@ -6,8 +6,9 @@ becomes a collective, so every device waits for the longest tree anywhere.
 Under ``shard_map`` each device runs its own loop and stops on its own.
 
 A chunk program runs ``n_draws`` draws of ``per_draw`` transitions each; both
-are runtime scalars, as is ``collect`` (keep draws or not), so warmup chunks,
-sampling chunks, thinning and a short last chunk all reuse one executable.
+are runtime scalars, as are ``collect`` (keep draws or not) and ``jump`` (end
+warmup early), so warmup chunks, sampling chunks, thinning, a short last chunk
+and an automatic run's decisions all reuse one executable.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def _chunk_fn(
 
         return block
 
-    def per_device(state, real, n_draws, per_draw, collect, args, kwargs):
+    def per_device(state, real, n_draws, per_draw, collect, jump, args, kwargs):
+        if kernel.skip is not None:  # num_warmup="auto" ends warmup early
+            state = kernel.skip(state, jump)
         run = partial(
             _block_chunk,
             fields=kernel.fields,
@@ -325,16 +328,17 @@ def chunk_program(
     lanes: int | None = None,
 ) -> Any:
     """The jitted chunk program for ``(state, real, n_draws, per_draw, collect,
-    args, kwargs)``; ``real`` marks the lanes that are not padding, the state
-    argument is donated. With ``sharded``, state, ``real`` and data carry a
+    jump, args, kwargs)``; ``real`` marks the lanes that are not padding,
+    ``jump`` >= 0 first moves the warmup to that transition (``Kernel.skip``),
+    the state argument is donated. With ``sharded``, state, ``real`` and data carry a
     leading shard axis and state and ``real`` a chain axis after it."""
     fn, rep = _chunk_fn(model, kernel, inner, size, sharded, lanes), P()
     if not sharded:
         lanes = P(CHAIN)
-        in_specs = (lanes, lanes, rep, rep, rep, rep, rep)
+        in_specs = (lanes, lanes, rep, rep, rep, rep, rep, rep)
     else:
         lanes, data = P(SHARD, CHAIN), P(SHARD)
-        in_specs = (lanes, lanes, rep, rep, rep, data, data)
+        in_specs = (lanes, lanes, rep, rep, rep, rep, data, data)
     return jax.jit(
         jax.shard_map(
             fn, mesh=mesh, in_specs=in_specs, out_specs=lanes, check_vma=False

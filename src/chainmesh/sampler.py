@@ -38,9 +38,12 @@ class Sampler:
     Args:
         model: A NumPyro model; its data arrive as ``run`` arguments.
         num_chains: Chains returned.
-        num_warmup: Adaptation transitions per chain.
+        num_warmup: Adaptation transitions per chain, or ``"auto"``: warmup
+            ends at a window boundary once the adaptation has settled (the
+            chains agree and the scales stop moving, ``chainmesh.stopping``),
+            after at most ``max_warmup`` transitions.
         num_samples: Transitions after warmup; ``num_samples // thinning``
-            draws are kept per chain.
+            draws are kept per chain. None: 1000 (leave it out with targets).
         thinning: Keep every ``thinning``-th transition.
         devices: None (all ``jax.devices()``), an int ``n`` (the first ``n``)
             or a list of devices.
@@ -95,6 +98,18 @@ class Sampler:
         static_argnames: Model arguments compiled into the program by value
             (arrays a model needs as values, e.g. for ``np.unique``); Python
             ints, bools, strings and other non-arrays are static anyway.
+        max_warmup: The longest ``num_warmup="auto"`` warmup (default 1000).
+        target_ess: Sample until every coordinate of every site has bulk and
+            tail ESS >= this (and R-hat <= ``max_rhat``), checked after each
+            chunk; ``stats["stop"]`` says where and why the run stopped.
+        max_rhat: Largest rank-normalized split R-hat a stop accepts; None:
+            1.01 with ``target_ess`` (unless ``max_nested_rhat`` is given).
+        max_nested_rhat: Largest nested R-hat a stop accepts (superchains of
+            4 consecutive chains; >= 16 chains, a multiple of 4).
+        max_samples: With targets, the most sampling transitions per chain
+            (default 5000); reaching it warns with the numbers reached.
+        var_names: Sites the targets look at (None: every site, deterministic
+            sites included).
 
     Raises:
         ValueError, TypeError: Any bad argument, before anything compiles.
@@ -105,8 +120,8 @@ class Sampler:
         model: Callable,
         *,
         num_chains: int = 4,
-        num_warmup: int = 500,
-        num_samples: int = 1000,
+        num_warmup: int | str = 500,
+        num_samples: int | None = None,
         thinning: int = 1,
         devices: Any = None,
         init_strategy: str | Callable = "init_to_median",
@@ -127,6 +142,12 @@ class Sampler:
         gather: str = "all",
         cache_dir: str | bool | None = None,
         static_argnames: tuple[str, ...] = (),
+        max_warmup: int | None = None,
+        target_ess: float | None = None,
+        max_rhat: float | None = None,
+        max_nested_rhat: float | None = None,
+        max_samples: int | None = None,
+        var_names: tuple[str, ...] | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable, got {type(model).__name__}")
@@ -154,6 +175,12 @@ class Sampler:
             gather=gather,
             cache_dir=cache_dir,
             static_argnames=static_argnames,
+            max_warmup=max_warmup,
+            target_ess=target_ess,
+            max_rhat=max_rhat,
+            max_nested_rhat=max_nested_rhat,
+            max_samples=max_samples,
+            var_names=var_names,
         )
         if checkpoint_dir is not None:
             checkpoint.check_writable(checkpoint_dir, 0)
@@ -281,6 +308,7 @@ class Sampler:
                 progress,
                 save,
                 config.checkpoint_every,
+                tuple(programs.info.latent),
             )
         finally:
             if isinstance(store, FileStore):
@@ -289,6 +317,7 @@ class Sampler:
         stats = run_stats(out, compile_s, compilations - loaded, started.init_s)
         stats["programs_from_disk"] = loaded
         stats["static_args"] = list(started.static)
+        stats["stop"] = out.stop
         stats.update({f"compile_{k}": v for k, v in started.stages.items()})
         extra = dict(out.extra)
         if extra and config.kernel == "nuts":

@@ -90,6 +90,17 @@ def _programs(
     return programs, data, call, bound
 
 
+def _check_var_names(names: tuple[str, ...] | None, info: Any) -> None:
+    """Refuse ``var_names`` that are not sites of the model (before compiling)."""
+    sites = (*info.latent, *info.deterministic)
+    unknown = sorted(set(names or ()) - set(sites))
+    if unknown:
+        raise ValueError(
+            f"var_names names {unknown}, which the model does not sample; pass "
+            f"names of its sample or deterministic sites: {sorted(sites)}"
+        )
+
+
 def _note_static(err: Exception, split: Any) -> None:
     """Say which static values the model got, on an error while tracing it."""
     if split.names:
@@ -110,6 +121,7 @@ def start(sampler: Any, seed: Any, call: arguments.Call, init_params: Any) -> St
         )
     programs, data, split, bound = _programs(sampler, call)
     sampler.info = programs.info
+    _check_var_names(config.var_names, programs.info)
     dtype = np.dtype(jax.numpy.result_type(float))
     values = layout_init_params(
         init_params, programs.info.latent, plan.num_chains, plan.total_chains, dtype
@@ -191,7 +203,12 @@ def _build(
         if programs.chunk is None:
             scalars = [
                 placement.replicate(np.asarray(v, dtype=t), mesh)
-                for v, t in ((1, np.int32), (1, np.int32), (True, np.bool_))
+                for v, t in (
+                    (1, np.int32),
+                    (1, np.int32),
+                    (True, np.bool_),
+                    (-1, np.int32),
+                )
             ]
             jitted = chunk_program(
                 prepared(bound, programs.info),

@@ -50,6 +50,9 @@ class MemoryStore:
     def flush(self) -> None:
         """Nothing to do in memory."""
 
+    def kept(self, draws: int) -> None:
+        """Nothing to record in memory (the result holds the draws kept)."""
+
     def record(self) -> dict[str, Any]:
         """For a checkpoint manifest: the draws are in the checkpoint."""
         return {"kind": "memory"}
@@ -69,6 +72,9 @@ class NullStore:
     def read(self, group: str) -> dict[str, np.ndarray]:
         """No arrays."""
         return {}
+
+    def kept(self, draws: int) -> None:
+        """Nothing is kept."""
 
     def flush(self) -> None:
         """Nothing to flush."""
@@ -215,6 +221,19 @@ class FileStore:
             for (g, name) in self._specs
             if g == group
         }
+
+    def kept(self, draws: int) -> None:
+        """Record in ``store.json`` how many draws of each file are the run's.
+
+        A run that stops on targets (``target_ess``) allocates its files for
+        ``max_samples // thinning`` draws (sparse on disk: unwritten draws
+        take no space) and keeps the first ``draws``.
+        """
+        self.open()
+        _write_json(
+            self.path / META,
+            {"token": self.token, "files": self._listing(), "kept": draws},
+        )
 
     def flush(self) -> None:
         """fsync every file (after a checkpoint, so disk and checkpoint agree)."""

@@ -1,5 +1,6 @@
 """Several processes, one mesh: jax.distributed on 127.0.0.1."""
 
+import json
 import subprocess
 import sys
 import time
@@ -52,6 +53,17 @@ def test_two_processes_match_one_process(tmp_path):
             for group in ("samples", "extra"):
                 for name, x in getattr(one, group).items():
                     np.testing.assert_array_equal(z[f"{kernel}.{group}.{name}"], x)
+        # Auto warmup and target ESS: both processes took 1 process's decisions.
+        auto = cm.Sampler(
+            linreg, num_chains=8, devices=4, num_warmup="auto", target_ess=200,
+            chunk_size=25, progress_bar=False,
+        ).run(0, X, y)  # fmt: skip
+        for group in ("samples", "extra"):
+            for name, x in getattr(auto, group).items():
+                np.testing.assert_array_equal(z[f"auto.{group}.{name}"], x)
+    with np.load(str(out) + ".stop.npz") as z:
+        stop = json.loads(str(z["stop"]))
+    assert stop == {k: auto.stats["stop"][k] for k in ("warmup", "samples", "draws")}
 
 
 def test_a_dying_process_stops_the_others(tmp_path):

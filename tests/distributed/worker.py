@@ -5,6 +5,7 @@ Samples 8 chains over every device of every process; process 0 writes the
 draws. With ``fail``, process 1 dies (os._exit(3)) right after joining.
 """
 
+import json
 import os
 import sys
 
@@ -44,7 +45,21 @@ others = {
     name: cm.Sampler(linreg, progress_bar=False, **options, **config).run(0, X, y)
     for name, options in OTHERS.items()
 }
+# Warmup and sampling stop on decisions every process must take alike; the
+# others hold no draws (gather="main"): process 0's numbers decide.
+AUTO = {"num_warmup": "auto", "target_ess": 200, "chunk_size": 25}
+auto = cm.Sampler(linreg, progress_bar=False, gather="main", num_chains=8, **AUTO)
+decided = auto.run(0, X, y)
+stop = decided.stats["stop"]
+assert stop["reason"] == "targets" and stop["warmup_reason"] == "settled"
+if not cm.distributed.is_main_process():
+    assert decided.samples == {}
+others["auto"] = decided
 if cm.distributed.is_main_process():
+    np.savez(
+        sys.argv[1] + ".stop.npz",
+        stop=json.dumps({k: stop[k] for k in ("warmup", "samples", "draws")}),
+    )
     np.savez(
         sys.argv[1],
         processes=jax.process_count(),

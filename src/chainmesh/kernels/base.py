@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 EXTRA_FIELDS = (
     "potential_energy",
@@ -37,6 +38,10 @@ class Kernel(NamedTuple):
         fields: ``state -> {name: value}``, the ``EXTRA_FIELDS`` of a state.
         chunk: None, or a kernel that runs a whole chunk on a device's block
             itself (lane-asynchronous NUTS, ``async_nuts.AsyncNUTS.chunk``).
+        skip: ``(block state, to) -> block state``: move the warmup to
+            transition ``to`` of its schedule (the first of the final
+            step-size buffer, ``num_warmup="auto"``); ``to`` is a traced
+            int32 and a negative one leaves the state as it is.
     """
 
     init: Callable[..., tuple[Any, jax.Array]]
@@ -44,6 +49,7 @@ class Kernel(NamedTuple):
     block: Callable[..., Callable] | None = None
     fields: Callable[[Any], dict[str, jax.Array]] | None = None
     chunk: Callable[..., tuple] | None = None
+    skip: Callable[[Any, jax.Array], Any] | None = None
 
 
 def named_fields(state: Any, step_size: jax.Array) -> dict[str, jax.Array]:
@@ -51,3 +57,8 @@ def named_fields(state: Any, step_size: jax.Array) -> dict[str, jax.Array]:
     attributes of those names."""
     fields = {name: getattr(state, name) for name in EXTRA_FIELDS[:-1]}
     return fields | {"step_size": step_size}
+
+
+def skip_counter(state: Any, to: jax.Array) -> Any:
+    """``Kernel.skip`` of a kernel whose schedule reads only ``state.i``."""
+    return state._replace(i=jnp.where(to >= 0, to, state.i).astype(state.i.dtype))

@@ -152,6 +152,7 @@ def init_adapt(
         adam_v=zero,
         metric=metric_window.initial_metric(metric, dim, dtype),
         window=metric_window.window_init(metric, dim, dtype),
+        log_trajectory_length_kept=log_t,
     )
 
 

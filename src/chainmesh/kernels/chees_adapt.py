@@ -76,6 +76,9 @@ class ChEESAdaptState(NamedTuple):
         adam_v: Adam's second moment.
         metric: The inverse mass matrix (``metrics.Metric``, O(d k)).
         window: Pooled moments of the current metric window.
+        log_trajectory_length_kept: The length the last window end kept
+            before restarting (its window's average): where a warmup that
+            ends early (``skip``) goes on from, as after the last window.
     """
 
     step: jax.Array
@@ -90,6 +93,7 @@ class ChEESAdaptState(NamedTuple):
     adam_v: jax.Array
     metric: metrics.Metric
     window: MetricWindow
+    log_trajectory_length_kept: jax.Array
 
     @property
     def inv_mass(self) -> jax.Array:
@@ -217,6 +221,7 @@ def adapt(a: ChEESAdaptState, stats: Stats, hyper: Hyper) -> ChEESAdaptState:
     # gradient is informative, except after the last window, where Adam goes
     # on from the window's average length (see RESTART_LENGTH).
     log_t = jnp.where(ended, log_t_avg, log_t)
+    kept_length = jnp.where(ended, log_t, a.log_trajectory_length_kept)
     log_t = jnp.where(hyper.restart[t], jnp.log(RESTART_LENGTH).astype(dtype), log_t)
     zero = jnp.zeros((), dtype)
     emptied = metric_window.emptied(window)
@@ -233,4 +238,5 @@ def adapt(a: ChEESAdaptState, stats: Stats, hyper: Hyper) -> ChEESAdaptState:
         adam_v=v,
         metric=metric,
         window=jax.tree.map(partial(jnp.where, ended), emptied, window),
+        log_trajectory_length_kept=kept_length,
     )

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import chees, metric_window
-from chainmesh.kernels.base import Kernel, named_fields
+from chainmesh.kernels.base import Kernel, named_fields, skip_counter
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.kernels.pooled_nuts import POOL_AXIS
 from chainmesh.model import ModelInfo, potential_fn_gen
@@ -126,7 +126,21 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
 
         return run
 
-    return Kernel(init=init, step=None, block=block, fields=_fields)
+    return Kernel(init=init, step=None, block=block, fields=_fields, skip=_skip)
+
+
+def _skip(s: ChEESChain, to: jax.Array) -> ChEESChain:
+    """Jump to transition ``to`` (the final buffer): the trajectory length
+    goes on from the last window's average, as after the last window."""
+    a, jump = s.adapt, to >= 0
+    length = jnp.where(jump, a.log_trajectory_length_kept, a.log_trajectory_length)
+    average = jnp.where(jump, length, a.log_trajectory_length_avg)
+    adapt = a._replace(
+        step=jnp.where(jump, to, a.step).astype(a.step.dtype),
+        log_trajectory_length=length,
+        log_trajectory_length_avg=average,
+    )
+    return skip_counter(s, to)._replace(adapt=adapt)
 
 
 def _fields(state: ChEESChain) -> dict[str, jax.Array]:

@@ -42,7 +42,7 @@ from numpyro.infer.util import ParamInfo
 
 from chainmesh.config import SamplerConfig
 from chainmesh.kernels import metric_window, metrics
-from chainmesh.kernels.base import Kernel, named_fields
+from chainmesh.kernels.base import Kernel, named_fields, skip_counter
 from chainmesh.kernels.ensemble import (
     AxisName,
     first_lane,
@@ -223,7 +223,7 @@ def build_metric_nuts(
 
         return run
 
-    return Kernel(init=init, step=None, block=block, fields=_fields)
+    return Kernel(init=init, step=None, block=block, fields=_fields, skip=skip_counter)
 
 
 def _unraveler(info: ModelInfo) -> Callable:

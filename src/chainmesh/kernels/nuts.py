@@ -15,10 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from numpyro.infer.hmc import HMCState, hmc
+from numpyro.infer.hmc_util import build_adaptation_schedule
 from numpyro.infer.util import ParamInfo, find_valid_initial_params
 
 from chainmesh.config import SamplerConfig
-from chainmesh.kernels.base import Kernel, named_fields
+from chainmesh.kernels.base import Kernel, named_fields, skip_counter
 from chainmesh.model import ModelInfo, potential_fn_gen
 
 
@@ -68,7 +69,18 @@ def build_nuts(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kerne
         jax.eval_shape(start, param_info, state.rng_key, args, kwargs)
         return sample_kernel(state, model_args=args, model_kwargs=kwargs)
 
-    return Kernel(init=init, step=step, fields=extra_fields)
+    windows = build_adaptation_schedule(config.num_warmup) if config.num_warmup else []
+    last_window = max(len(windows) - 1, 0)
+
+    def skip(state: HMCState, to: jax.Array) -> HMCState:
+        """Jump to transition ``to`` of the final window (NumPyro's adapter
+        reads the window index, its schedule the transition)."""
+        a = state.adapt_state
+        window = jnp.where(to >= 0, last_window, a.window_idx)
+        state = skip_counter(state, to)
+        return state._replace(adapt_state=a._replace(window_idx=window))
+
+    return Kernel(init=init, step=step, fields=extra_fields, skip=skip)
 
 
 def extra_fields(state: HMCState) -> dict[str, jax.Array]:

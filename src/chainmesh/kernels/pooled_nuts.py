@@ -125,7 +125,9 @@ def build_pooled_nuts(
 
         return run
 
-    return Kernel(nuts.init, frozen.step, block=block, fields=extra_fields)
+    return Kernel(
+        nuts.init, frozen.step, block=block, fields=extra_fields, skip=nuts.skip
+    )
 
 
 def _broadcast(state: HMCState, adapt: HMCAdaptState) -> HMCState:
