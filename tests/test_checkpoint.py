@@ -120,6 +120,7 @@ def test_store_streams_draws_to_npy(tmp_path, uninterrupted):
     assert os.path.getsize(tmp_path / "extra" / "diverging.npy") > 4 * 60
 
 
+@pytest.mark.slow  # 47 s: RSS over a long stored run
 def test_streaming_keeps_host_memory_flat(tmp_path):
     """With store=, the host holds about a chunk of draws, not the whole run.
 
@@ -327,6 +328,7 @@ def scaled_linreg(X, y, scale):
     numpyro.sample("y", dist.Normal(X @ beta, 1.0), obs=y)
 
 
+@pytest.mark.slow  # 27 s
 def test_resume_refuses_other_static_contents(tmp_path):
     config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
     cm.Sampler(scaled_linreg, **config).run(0, X, Y, Scale(1.0))

@@ -77,7 +77,14 @@ def test_a_corrupt_entry_costs_a_compile_and_a_warning(tmp_path):
     assert again.stats["programs_from_disk"] == 2
 
 
-@pytest.mark.parametrize("unsafe", ["group-writable", "world-writable", "foreign"])
+@pytest.mark.parametrize(
+    "unsafe",
+    [
+        "group-writable",
+        pytest.param("world-writable", marks=pytest.mark.slow),  # same check
+        pytest.param("foreign", marks=pytest.mark.slow),
+    ],
+)
 def test_a_directory_others_control_is_never_used(tmp_path, unsafe):
     cache = tmp_path / "cache"
     _run(cache)  # two valid entries
@@ -96,6 +103,7 @@ def test_a_directory_others_control_is_never_used(tmp_path, unsafe):
     assert {f.name: f.read_bytes() for f in _entries(cache)} == before
 
 
+@pytest.mark.slow  # 25 s: two processes
 def test_concurrent_processes_share_one_directory(tmp_path):
     cache = tmp_path / "cache"
     script = tmp_path / "child.py"

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from models import linreg, linreg_data
 
 import chainmesh as cm
@@ -66,6 +67,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert stop == {k: auto.stats["stop"][k] for k in ("warmup", "samples", "draws")}
 
 
+@pytest.mark.slow  # 32 s: waits for a timeout
 def test_a_dying_process_stops_the_others(tmp_path):
     cmd = [*LAUNCH, "--processes", "2", "--devices-per-process", "2", "--"]
     start = time.monotonic()

@@ -151,3 +151,46 @@ def test_ranks_uniform(config: str, name: str) -> None:
             counts, _ = rank_histogram(rank, NUM_DRAWS, NUM_BINS)
             failures.append(f"{param}: p = {p:.2e}, histogram {counts.tolist()}")
     assert not failures, f"{name} [{config}] ranks not uniform:\n" + "\n".join(failures)
+
+
+AUTO_CASES = [
+    ("nuts-vmap", "eight_schools_noncentered"),  # NumPyro's adapter jumps
+    ("nuts-lowrank", "logistic"),  # per-chain low-rank metric jumps
+    ("nuts-ensemble", "normal_mean"),  # pooled NUTS jumps
+    ("chees", "eight_schools_noncentered"),  # pooled ChEES keeps its length
+]
+"""One SBC case per code path that ends warmup early (``Kernel.skip``)."""
+AUTO_CHAINS = 4
+AUTO_TARGET_ESS = 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "name"), AUTO_CASES)
+def test_ranks_uniform_when_chainmesh_decides(config: str, name: str) -> None:
+    """``num_warmup="auto"`` and ``target_ess``: the run stops on the draws'
+    own diagnostics (optional stopping), and the ranks are still uniform."""
+    case = SBC_MODELS[name]
+    sim = simulate(case, NUM_DATASETS, SIMULATION_SEED)
+    sampler = cm.BatchSampler(
+        case.model,
+        num_datasets=NUM_DATASETS,
+        num_chains=AUTO_CHAINS,
+        num_warmup="auto",
+        target_ess=AUTO_TARGET_ESS,
+        thinning=THINNING,
+        chunk_size=50,
+        progress_bar=False,
+        **options(config, case.sampler_kwargs),
+    )
+    out = sampler.run(SAMPLER_SEED, *sim.args)
+    stop = out.stats["stop"]
+    assert stop["reason"] == "targets", stop
+    assert all(d["met"] for d in stop["datasets"])
+    draws = AUTO_CHAINS * stop["draws"]
+    failures = []
+    for param, rank in scalar_ranks(sim.truths, out.samples).items():
+        p = uniformity_p(rank, draws, NUM_BINS)
+        if not p > P_MIN:
+            counts, _ = rank_histogram(rank, draws, NUM_BINS)
+            failures.append(f"{param}: p = {p:.2e}, histogram {counts.tolist()}")
+    assert not failures, f"{name} [{config}] ranks not uniform:\n" + "\n".join(failures)

@@ -1,0 +1,166 @@
+"""What `num_warmup="auto", target_ess=400, max_rhat=1.01` spends, against fixed lengths.
+
+Usage: python scripts/stopping_study.py [--suite posteriordb,models]
+       [--settings 8x2,64x1] [--names a,b] [--out docs/benchmarks/stopping.json]
+
+For each posterior and setting (``CxD``: C chains on D host devices; 8x2
+uses per-chain adaptation, the default low-rank NUTS; 64x1 pooled
+adaptation, ``adapt="ensemble"``), in its own process:
+
+- ``auto``: one run that decides its warmup and sampling length;
+- ``grid``: the same sampler with fixed warmup W in 250/500/1000 and 2000
+  draws; a fixed run of S draws is the first S draws of it (draws do not
+  depend on the run's length), so every S in 250/500/1000/2000 is checked
+  against the same targets on every coordinate (``stopping.assess``);
+  ``smallest`` is the cheapest (W, S) that meets them;
+- ``numpyro``: NumPyro's NUTS with its default 500 + 1000, same chains.
+
+Gradients are leapfrog steps per chain, warmup included. ``z2`` is the mean
+over reference parameters of ``((mean - ref) / (ref_sd / sqrt(ess)))**2``
+with the auto run's own bulk ESS at its stop: about 1 when the reported ESS
+is honest, well above 1 when a run stopped short of its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WARMUPS = (250, 500, 1000)
+DRAWS = (250, 500, 1000, 2000)
+TARGETS = {"target_ess": 400, "max_rhat": 1.01}
+SETTINGS = {"8x2": {}, "64x1": {"adapt": "ensemble"}}
+
+
+def _one(job: dict) -> dict:
+    import numpy as np
+
+    import chainmesh as cm
+    from chainmesh import stopping
+    from chainmesh.bench.suite_worker import _numpyro
+    from chainmesh.bench.targets import load_target
+
+    target = load_target(job["suite"], job["name"])
+    chains = int(job["setting"].split("x")[0])
+    own = {**target.options, **SETTINGS[job["setting"]]}
+    base = {"num_chains": chains, "progress_bar": False, **own}
+    out: dict = {"name": job["name"], "setting": job["setting"]}
+
+    auto = cm.Sampler(target.model, num_warmup="auto", **TARGETS, **base)
+    r = auto.run(job["seed"], *target.args)
+    stop = r.stats["stop"]
+    grads = (r.stats["leapfrog_steps_warmup"] + r.stats["leapfrog_steps"]) / chains
+    named = target.named(r.samples)
+    z2 = []
+    for name, (mean, sd) in target.reference.items():
+        x = np.asarray(named[name], np.float64)
+        ess = cm.diagnostics.ess_bulk(x)
+        z2.append(((x.mean() - mean) / (sd / np.sqrt(ess))) ** 2)
+    out["auto"] = {
+        "warmup": stop["warmup"],
+        "samples": stop["samples"],
+        "reason": stop["reason"],
+        "warmup_reason": stop["warmup_reason"],
+        "gradients": grads,
+        "min_ess_bulk": stop.get("min_ess_bulk"),
+        "min_ess_tail": stop.get("min_ess_tail"),
+        "max_rhat": stop.get("max_rhat"),
+        "z2": float(np.mean(z2)) if z2 else None,
+        "z2_max": float(np.max(z2)) if z2 else None,
+        "references": len(z2),
+        "seconds": r.stats["warmup_s"] + r.stats["sampling_s"],
+    }
+    grid = []
+    targets = stopping.Targets(400, 1.01, None)
+    for w in WARMUPS:
+        fixed = cm.Sampler(target.model, num_warmup=w, num_samples=max(DRAWS), **base)
+        g = fixed.run(job["seed"], *target.args)
+        warm = g.stats["leapfrog_steps_warmup"] / chains
+        steps = np.asarray(g.extra["num_steps"], np.float64)
+        for s in DRAWS:
+            x, labels = stopping.coordinates(g.samples, 1, s)
+            row = stopping.assess(x, labels, targets)[0]
+            grid.append(
+                {
+                    "warmup": w,
+                    "samples": s,
+                    "met": row["met"],
+                    "gradients": warm + steps[:, :s].sum() / chains,
+                    "min_ess": min(row.get("min_ess_bulk", 0), row.get("min_ess_tail", 0)),
+                    "max_rhat": row.get("max_rhat"),
+                }
+            )
+    out["grid"] = grid
+    met = [g for g in grid if g["met"]]
+    out["smallest"] = min(met, key=lambda g: g["gradients"]) if met else None
+    numpyro_job = {"warmup": 500, "samples": 1000, "chains": chains}
+    _, warm_steps, steps, _, _ = _numpyro(numpyro_job, target)(job["seed"])
+    out["numpyro"] = {"gradients": (warm_steps + steps) / chains}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="posteriordb,models")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--names", default=None, help="only these posteriors")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="docs/benchmarks/stopping.json")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one is not None:
+        print("RESULT " + json.dumps(_one(json.loads(a.one))), flush=True)
+        return
+    from chainmesh.bench.targets import suite_names
+
+    out = Path(a.out)
+    done = json.loads(out.read_text()) if out.exists() else []
+    seen = {(r["name"], r["setting"]) for r in done}
+    for suite in a.suite.split(","):
+        names = suite_names(suite)
+        if suite == "models":
+            names = [n for n in names if n in ("eight_schools", "logistic", "correlated100")]
+        for name in names:
+            if a.names and name not in a.names.split(","):
+                continue
+            for setting in a.settings.split(","):
+                if (name, setting) in seen:
+                    continue
+                devices = setting.split("x")[1]
+                env = {
+                    **os.environ,
+                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                }
+                job = {"suite": suite, "name": name, "setting": setting, "seed": a.seed}
+                run = subprocess.run(
+                    [sys.executable, __file__, "--one", json.dumps(job)],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+                if not lines:
+                    print(f"{name} {setting}: failed\n{run.stderr[-2000:]}", flush=True)
+                    continue
+                record = json.loads(lines[-1][len("RESULT ") :])
+                done.append(record)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(done, indent=1))
+                auto, small = record["auto"], record["smallest"]
+                print(
+                    f"{name:28s} {setting:5s} auto {auto['warmup']}+{auto['samples']} "
+                    f"{auto['gradients']:.0f} grads ({auto['reason']}, "
+                    f"{auto['warmup_reason']}), smallest fixed "
+                    f"{small and (small['warmup'], small['samples'], round(small['gradients']))}, "
+                    f"numpyro {record['numpyro']['gradients']:.0f}, z2 {auto['z2']}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
