@@ -83,9 +83,12 @@ def test_a_new_target_compiles_nothing(auto, count_compiles):
     assert loose.stats["stop"]["draws"] < auto.stats["stop"]["draws"] + 25
 
 
-@pytest.mark.parametrize("kernel", ["nuts", "chees"])
+KERNELS = {"nuts": {}, "ensemble": {"adapt": "ensemble"}, "chees": {"kernel": "chees"}}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_an_auto_run_resumes_bitwise(tmp_path, monkeypatch, kernel):
-    config = {**TARGETS, "kernel": kernel, "checkpoint_every": 1}
+    config = {**TARGETS, **KERNELS[kernel], "checkpoint_every": 1}
     whole = cm.Sampler(linreg, **config).run(0, X, Y)
     sampler = cm.Sampler(linreg, checkpoint_dir=str(tmp_path), **config)
     saved = []

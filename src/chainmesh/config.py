@@ -152,7 +152,9 @@ class SamplerConfig:
     max_nested_rhat: float | None = None
     max_samples: int | None = None
     var_names: tuple[str, ...] | None = None
-    auto_warmup: bool = dataclasses.field(default=False, init=False)
+    auto_warmup: bool = False
+    """Set by validation (``num_warmup="auto"``); a field so that
+    ``dataclasses.replace`` of a validated config validates again."""
 
     def __post_init__(self) -> None:
         _check_int("num_chains", self.num_chains, 1, "use at least one chain")
@@ -238,7 +240,7 @@ class SamplerConfig:
                 f"num_warmup must be an int or 'auto', got {self.num_warmup!r}"
             )
         _check_int("num_warmup", self.num_warmup, 0, "use 0 to skip adaptation")
-        if self.max_warmup is not None:
+        if self.max_warmup is not None and not self.auto_warmup:
             raise ValueError(
                 f"max_warmup={self.max_warmup} caps num_warmup='auto'; with "
                 f"num_warmup={self.num_warmup} the warmup length is fixed: pass "
@@ -289,7 +291,7 @@ class SamplerConfig:
             _check_int("num_samples", samples, 1, "keep at least one draw")
             object.__setattr__(self, "num_samples", samples)
             return
-        if self.num_samples is not None:
+        if self.num_samples is not None and self.num_samples != self.max_samples:
             raise ValueError(
                 f"num_samples={self.num_samples} fixes the run's length, but "
                 "target_ess/max_rhat end it on targets; pass the cap as "
