@@ -122,6 +122,17 @@ def test_rank_histogram_uneven_bins() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "name"), sbc_cases(sorted(SBC_MODELS)))
+def rank_failures(truths: dict, samples: dict, num_draws: int) -> list[str]:
+    """The scalar parameters whose ranks fail the uniformity test, described."""
+    failures = []
+    for param, rank in scalar_ranks(truths, samples).items():
+        p = uniformity_p(rank, num_draws, NUM_BINS)
+        if not p > P_MIN:
+            counts, _ = rank_histogram(rank, num_draws, NUM_BINS)
+            failures.append(f"{param}: p = {p:.2e}, histogram {counts.tolist()}")
+    return failures
+
+
 def test_ranks_uniform(config: str, name: str) -> None:
     """Every scalar parameter's SBC ranks are uniform; few divergences."""
     case = SBC_MODELS[name]
@@ -146,12 +157,7 @@ def test_ranks_uniform(config: str, name: str) -> None:
         f"{name}: {divergent:.2%} of kept draws diverged "
         f"(at most {case.max_divergent:.2%} allowed)"
     )
-    failures = []
-    for param, rank in scalar_ranks(sim.truths, out.samples).items():
-        p = uniformity_p(rank, NUM_DRAWS, NUM_BINS)
-        if not p > P_MIN:
-            counts, _ = rank_histogram(rank, NUM_DRAWS, NUM_BINS)
-            failures.append(f"{param}: p = {p:.2e}, histogram {counts.tolist()}")
+    failures = rank_failures(sim.truths, out.samples, NUM_DRAWS)
     assert not failures, f"{name} [{config}] ranks not uniform:\n" + "\n".join(failures)
 
 
@@ -193,10 +199,5 @@ def test_ranks_uniform_when_chainmesh_decides(config: str, name: str) -> None:
     assert stop["reason"] == "targets", stop
     assert all(d["met"] for d in stop["datasets"])
     draws = AUTO_CHAINS * stop["draws"]
-    failures = []
-    for param, rank in scalar_ranks(sim.truths, out.samples).items():
-        p = uniformity_p(rank, draws, NUM_BINS)
-        if not p > P_MIN:
-            counts, _ = rank_histogram(rank, draws, NUM_BINS)
-            failures.append(f"{param}: p = {p:.2e}, histogram {counts.tolist()}")
+    failures = rank_failures(sim.truths, out.samples, draws)
     assert not failures, f"{name} [{config}] ranks not uniform:\n" + "\n".join(failures)
