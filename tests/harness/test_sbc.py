@@ -10,8 +10,6 @@ ranks must give ``p > P_MIN`` for every scalar parameter.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import scipy.stats
@@ -173,10 +171,6 @@ AUTO_TARGET_ESS = 100
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("CHAINMESH_SBC_AUTO") != "1",
-    reason="not yet measured to fit the CI budget; CHAINMESH_SBC_AUTO=1 runs it",
-)
 @pytest.mark.parametrize(("config", "name"), AUTO_CASES)
 def test_ranks_uniform_when_chainmesh_decides(config: str, name: str) -> None:
     """``num_warmup="auto"`` and ``target_ess``: the run stops on the draws'
