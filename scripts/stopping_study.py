@@ -1,4 +1,4 @@
-"""What `num_warmup="auto", target_ess=400, max_rhat=1.01` spends, against fixed lengths.
+"""What `num_warmup="auto", target_ess=400` spends, against fixed lengths.
 
 Usage: python scripts/stopping_study.py [--suite posteriordb,models]
        [--settings 8x2,64x1] [--names a,b] [--out docs/benchmarks/stopping.json]
@@ -90,7 +90,9 @@ def _one(job: dict) -> dict:
                     "samples": s,
                     "met": row["met"],
                     "gradients": warm + steps[:, :s].sum() / chains,
-                    "min_ess": min(row.get("min_ess_bulk", 0), row.get("min_ess_tail", 0)),
+                    "min_ess": min(
+                        row.get("min_ess_bulk", 0), row.get("min_ess_tail", 0)
+                    ),
                     "max_rhat": row.get("max_rhat"),
                 }
             )
@@ -103,6 +105,50 @@ def _one(job: dict) -> dict:
     return out
 
 
+def report(records: list[dict]) -> str:
+    """A Markdown table and the medians of ``records``."""
+    import numpy as np
+
+    lines = [
+        "| posterior | setting | auto warmup + draws | stopped on | auto grads "
+        "| smallest fixed (W + S) grads | NumPyro 500 + 1000 grads | auto / NumPyro "
+        "| auto / smallest | z2 (refs) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios: dict[str, list] = {}
+    for r in records:
+        a, small, nump = r["auto"], r["smallest"], r["numpyro"]["gradients"]
+        vs_small = a["gradients"] / small["gradients"] if small else None
+        fixed = (
+            f"{small['warmup']} + {small['samples']}: {small['gradients']:.0f}"
+            if small
+            else "none meets"
+        )
+        z2 = f"{a['z2']:.2f} ({a['references']})" if a["z2"] is not None else "-"
+        stopped = f"{a['warmup_reason']}, {a['reason']}"
+        shown = f"{vs_small:.2f}" if vs_small is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['setting']} | {a['warmup']} + {a['samples']} | "
+            f"{stopped} | {a['gradients']:.0f} | {fixed} | {nump:.0f} | "
+            f"{a['gradients'] / nump:.2f} | {shown} | {z2} |"
+        )
+        ratios.setdefault(r["setting"], []).append(
+            (a["gradients"] / nump, vs_small, a["warmup"], a["reason"] == "targets")
+        )
+    lines.append("")
+    for setting, rows in ratios.items():
+        nump = np.median([x[0] for x in rows])
+        small = np.median([x[1] for x in rows if x[1] is not None])
+        warm = np.median([x[2] for x in rows])
+        met = sum(x[3] for x in rows)
+        lines.append(
+            f"- {setting}: median auto / NumPyro default gradients {nump:.2f}, "
+            f"auto / smallest fixed {small:.2f}, median warmup {warm:.0f}, "
+            f"targets met {met} of {len(rows)}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="posteriordb,models")
@@ -111,7 +157,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="docs/benchmarks/stopping.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report", action="store_true", help="print the table of --out")
     a = p.parse_args()
+    if a.report:
+        print(report(json.loads(Path(a.out).read_text())))
+        return
     if a.one is not None:
         print("RESULT " + json.dumps(_one(json.loads(a.one))), flush=True)
         return
@@ -123,7 +173,9 @@ def main() -> None:
     for suite in a.suite.split(","):
         names = suite_names(suite)
         if suite == "models":
-            names = [n for n in names if n in ("eight_schools", "logistic", "correlated100")]
+            names = [
+                n for n in names if n in ("eight_schools", "logistic", "correlated100")
+            ]
         for name in names:
             if a.names and name not in a.names.split(","):
                 continue
