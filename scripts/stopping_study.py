@@ -208,7 +208,7 @@ def main() -> None:
                     f"{name:28s} {setting:5s} auto {auto['warmup']}+{auto['samples']} "
                     f"{auto['gradients']:.0f} grads ({auto['reason']}, "
                     f"{auto['warmup_reason']}), smallest fixed "
-                    f"{small and (small['warmup'], small['samples'], round(small['gradients']))}, "
+                    f"{small and (small['warmup'], small['samples'])}, "
                     f"numpyro {record['numpyro']['gradients']:.0f}, z2 {auto['z2']}",
                     flush=True,
                 )
