@@ -4,8 +4,9 @@ Usage: python scripts/stopping_study.py [--suite posteriordb,models]
        [--settings 8x2,64x1] [--names a,b] [--out docs/benchmarks/stopping.json]
 
 For each posterior and setting (``CxD``: C chains on D host devices; 8x2
-uses per-chain adaptation, the default low-rank NUTS; 64x1 pooled
-adaptation, ``adapt="ensemble"``), in its own process:
+uses per-chain adaptation, the default low-rank NUTS; 64x1 pooled NUTS,
+``adapt="ensemble"``; 64x1-chees pooled ChEES with the low-rank metric), in
+its own process:
 
 - ``auto``: one run that decides its warmup and sampling length;
 - ``grid``: the same sampler with fixed warmup W in 250/500/1000 and 2000
@@ -33,7 +34,11 @@ from pathlib import Path
 WARMUPS = (250, 500, 1000)
 DRAWS = (250, 500, 1000, 2000)
 TARGETS = {"target_ess": 400, "max_rhat": 1.01}
-SETTINGS = {"8x2": {}, "64x1": {"adapt": "ensemble"}}
+SETTINGS = {
+    "8x2": {},
+    "64x1": {"adapt": "ensemble"},
+    "64x1-chees": {"kernel": "chees", "metric": "lowrank"},
+}
 
 
 def _one(job: dict) -> dict:
@@ -45,7 +50,7 @@ def _one(job: dict) -> dict:
     from chainmesh.bench.targets import load_target
 
     target = load_target(job["suite"], job["name"])
-    chains = int(job["setting"].split("x")[0])
+    chains = int(job["setting"].split("x")[0])  # "CxD" or "CxD-kernel"
     own = {**target.options, **SETTINGS[job["setting"]]}
     base = {"num_chains": chains, "progress_bar": False, **own}
     out: dict = {"name": job["name"], "setting": job["setting"]}
@@ -182,7 +187,7 @@ def main() -> None:
             for setting in a.settings.split(","):
                 if (name, setting) in seen:
                     continue
-                devices = setting.split("x")[1]
+                devices = setting.split("x")[1].split("-")[0]
                 env = {
                     **os.environ,
                     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
