@@ -20,6 +20,11 @@ Gradients are leapfrog steps per chain, warmup included. ``z2`` is the mean
 over reference parameters of ``((mean - ref) / (ref_sd / sqrt(ess)))**2``
 with the auto run's own bulk ESS at its stop: about 1 when the reported ESS
 is honest, well above 1 when a run stopped short of its target.
+
+``--zcheck 1,2,3`` runs only the auto runs, with those seeds, and records
+each reference parameter's error: ``--report`` then gives the mean of
+``((mean - ref) / (ref_sd / sqrt(400)))**2``, which exceeds 1 (chi-square
+p-value given) when runs stop short of ESS 400.
 """
 
 from __future__ import annotations
@@ -110,6 +115,57 @@ def _one(job: dict) -> dict:
     return out
 
 
+def _zcheck(job: dict) -> dict:
+    """Auto runs with several seeds: each reference parameter's error."""
+    import numpy as np
+
+    import chainmesh as cm
+    from chainmesh.bench.targets import load_target
+
+    target = load_target(job["suite"], job["name"])
+    chains = int(job["setting"].split("x")[0])
+    own = {**target.options, **SETTINGS[job["setting"]]}
+    sampler = cm.Sampler(
+        target.model, num_chains=chains, num_warmup="auto", progress_bar=False,
+        **TARGETS, **own,
+    )  # fmt: skip
+    rows = []
+    for seed in job["seeds"]:
+        r = sampler.run(seed, *target.args)
+        named = target.named(r.samples)
+        for name, (mean, sd) in target.reference.items():
+            x = np.asarray(named[name], np.float64)
+            error = (x.mean() - mean) / sd
+            ess = float(cm.diagnostics.ess_bulk(x))
+            rows.append({"seed": seed, "name": name, "error": error, "ess": ess})
+    return {"name": job["name"], "setting": job["setting"], "rows": rows}
+
+
+def zreport(records: list[dict]) -> str:
+    """Did runs stop short? Squared errors in units of the target's standard
+    error (``sd / sqrt(400)``) and of the run's own ESS."""
+    import numpy as np
+    from scipy import stats
+
+    lines = [
+        "| posterior | setting | runs x parameters | mean z^2 at ESS 400 "
+        "| p (ESS < 400) | mean z^2 at the reported ESS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in records if r["rows"]):
+        e = np.array([x["error"] for x in r["rows"]])
+        ess = np.array([x["ess"] for x in r["rows"]])
+        at_target = (e * np.sqrt(TARGETS["target_ess"])) ** 2
+        own = e**2 * ess
+        n = len(e)
+        p = stats.chi2.sf(at_target.sum(), n)
+        lines.append(
+            f"| {r['name']} | {r['setting']} | {n} | {at_target.mean():.2f} | "
+            f"{p:.3f} | {own.mean():.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def report(records: list[dict]) -> str:
     """A Markdown table and the medians of ``records``."""
     import numpy as np
@@ -163,12 +219,19 @@ def main() -> None:
     p.add_argument("--out", default="docs/benchmarks/stopping.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true", help="print the table of --out")
+    p.add_argument(
+        "--zcheck", default=None, help="seeds, e.g. 1,2,3: errors against references"
+    )
     a = p.parse_args()
     if a.report:
-        print(report(json.loads(Path(a.out).read_text())))
+        records = json.loads(Path(a.out).read_text())
+        zcheck = "rows" in records[0]
+        print(zreport(records) if zcheck else report(records))
         return
     if a.one is not None:
-        print("RESULT " + json.dumps(_one(json.loads(a.one))), flush=True)
+        job = json.loads(a.one)
+        run = _zcheck if "seeds" in job else _one
+        print("RESULT " + json.dumps(run(job)), flush=True)
         return
     from chainmesh.bench.targets import suite_names
 
@@ -178,9 +241,9 @@ def main() -> None:
     for suite in a.suite.split(","):
         names = suite_names(suite)
         if suite == "models":
-            names = [
-                n for n in names if n in ("eight_schools", "logistic", "correlated100")
-            ]
+            # With references (what --zcheck needs): correlated100 only.
+            kept = ("correlated100",) if a.zcheck else ("eight_schools", "logistic")
+            names = [n for n in names if n in (*kept, "correlated100")]
         for name in names:
             if a.names and name not in a.names.split(","):
                 continue
@@ -193,6 +256,8 @@ def main() -> None:
                     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
                 }
                 job = {"suite": suite, "name": name, "setting": setting, "seed": a.seed}
+                if a.zcheck:
+                    job["seeds"] = [int(x) for x in a.zcheck.split(",")]
                 run = subprocess.run(
                     [sys.executable, __file__, "--one", json.dumps(job)],
                     env=env,
@@ -208,6 +273,9 @@ def main() -> None:
                 done.append(record)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(done, indent=1))
+                if a.zcheck:
+                    print(zreport([record]).splitlines()[-1], flush=True)
+                    continue
                 auto, small = record["auto"], record["smallest"]
                 print(
                     f"{name:28s} {setting:5s} auto {auto['warmup']}+{auto['samples']} "
