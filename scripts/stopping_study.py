@@ -46,6 +46,13 @@ SETTINGS = {
 }
 
 
+def _options(target: dict, setting: dict) -> dict:
+    """A posterior's own options under a setting that picks its metric."""
+    if "metric" in setting:
+        target = {k: v for k, v in target.items() if k != "dense_mass"}
+    return {**target, **setting}
+
+
 def _one(job: dict) -> dict:
     import numpy as np
 
@@ -56,7 +63,7 @@ def _one(job: dict) -> dict:
 
     target = load_target(job["suite"], job["name"])
     chains = int(job["setting"].split("x")[0])  # "CxD" or "CxD-kernel"
-    own = {**target.options, **SETTINGS[job["setting"]]}
+    own = _options(target.options, SETTINGS[job["setting"]])
     base = {"num_chains": chains, "progress_bar": False, **own}
     out: dict = {"name": job["name"], "setting": job["setting"]}
 
@@ -124,7 +131,7 @@ def _zcheck(job: dict) -> dict:
 
     target = load_target(job["suite"], job["name"])
     chains = int(job["setting"].split("x")[0])
-    own = {**target.options, **SETTINGS[job["setting"]]}
+    own = _options(target.options, SETTINGS[job["setting"]])
     sampler = cm.Sampler(
         target.model, num_chains=chains, num_warmup="auto", progress_bar=False,
         **TARGETS, **own,
