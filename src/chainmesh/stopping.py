@@ -290,10 +290,7 @@ def check_targets(
     # the run goes on until the last data set is done).
     met = all(any(c["datasets"][d]["met"] for c in p.checks) for d in range(len(rows)))
     worst = _worst(rows)
-    bar.set_postfix(
-        {k: f"{v:.3g}" for k, v in worst.items() if not k.endswith("_at")},
-        refresh=False,
-    )
+    bar.set_postfix(_against(worst, config), refresh=False)
     if met or p.filled >= kept:
         p.stop = {"reason": "targets" if met else "max_samples", **worst}
         bar.total = p.warmup_run + p.sampled
@@ -320,6 +317,23 @@ def _worst(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if old is None or (value < old if low else value > old) or value != value:
                 worst[key], worst[key + "_at"] = value, row.get(key + "_at")
     return worst
+
+
+def _against(worst: dict[str, Any], config: SamplerConfig) -> dict[str, str]:
+    """The progress bar's numbers: each one reached, against its target."""
+    shown = {
+        "ess": (
+            min(worst.get("min_ess_bulk", np.nan), worst.get("min_ess_tail", np.nan)),
+            config.target_ess,
+        ),
+        "rhat": (worst.get("max_rhat"), config.max_rhat),
+        "nested_rhat": (worst.get("max_nested_rhat"), config.max_nested_rhat),
+    }
+    return {
+        name: f"{value:.0f}/{target:g}" if name == "ess" else f"{value:.4f}/{target:g}"
+        for name, (value, target) in shown.items()
+        if target is not None and value is not None
+    }
 
 
 def _targets_text(config: SamplerConfig) -> str:
