@@ -118,8 +118,6 @@ def test_rank_histogram_uneven_bins() -> None:
     np.testing.assert_allclose(expected, counts)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("config", "name"), sbc_cases(sorted(SBC_MODELS)))
 def rank_failures(truths: dict, samples: dict, num_draws: int) -> list[str]:
     """The scalar parameters whose ranks fail the uniformity test, described."""
     failures = []
@@ -131,6 +129,8 @@ def rank_failures(truths: dict, samples: dict, num_draws: int) -> list[str]:
     return failures
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "name"), sbc_cases(sorted(SBC_MODELS)))
 def test_ranks_uniform(config: str, name: str) -> None:
     """Every scalar parameter's SBC ranks are uniform; few divergences."""
     case = SBC_MODELS[name]
