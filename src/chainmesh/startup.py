@@ -18,7 +18,7 @@ import numpy as np
 from chainmesh import arguments, persistent, placement
 from chainmesh.building import STAGES, Programs, build
 from chainmesh.cache import CACHE, COMPILE_LOCK, signature
-from chainmesh.config import resolve_init_strategy
+from chainmesh.init_strategies import resolve_init_strategy
 from chainmesh.kernels import build_kernel
 from chainmesh.keys import layout_init_params, seed_keys
 from chainmesh.model import inspect_model, invalid_init_error, prepared
