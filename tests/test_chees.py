@@ -31,18 +31,19 @@ def gaussian_potential(z: dict, scales=SCALES) -> jax.Array:
     return 0.5 * jnp.sum((z["x"] / scales) ** 2)
 
 
-def block_program(potential, num_warmup: int, num_draws: int, **options):
+def block_program(potential, num_warmup: int, num_draws: int, module=chees, **options):
     """``(positions, chain_ids, real) -> (state, draws, info)`` for one block.
 
     ``draws`` (positions) and ``info`` have the transitions on axis 1; the
     lane keys are ``fold_in(fold_in(key(0), chain id), transition)``.
+    ``module`` is the block kernel (``chees`` or ``mams``).
     """
-    step = chees.build_step(potential, num_warmup, **options)
+    step = module.build_step(potential, num_warmup, **options)
     root = jax.random.key(0)
     metric = options.get("metric", "diag")
 
     def program(positions, chain_ids, real):
-        state = chees.init(positions, potential, metric=metric)
+        state = module.init(positions, potential, metric=metric)
 
         def one(state, t):
             keys = jax.vmap(
@@ -68,14 +69,16 @@ def run(
     real=None,
     chain_ids=None,
     metric: str = "diag",
+    module=chees,
 ):
-    """Run ChEES on ``devices`` (None: one block, no mesh); numpy results."""
+    """Run ChEES (or ``module``'s kernel) on ``devices`` (None: one block,
+    no mesh); numpy results."""
     lanes = jax.tree.leaves(positions)[0].shape[0]
     real = np.ones(lanes, bool) if real is None else np.asarray(real)
     chain_ids = np.arange(lanes) if chain_ids is None else np.asarray(chain_ids)
     axis = None if devices is None else CHAIN
     program = block_program(
-        potential, num_warmup, num_draws, axis_name=axis, metric=metric
+        potential, num_warmup, num_draws, module, axis_name=axis, metric=metric
     )
     args = (positions, chain_ids, real)
     if devices is None:

@@ -18,7 +18,13 @@ from models import correlated, linreg, linreg_data
 
 import chainmesh as cm
 
-KERNELS = {"chees": {"kernel": "chees"}, "ensemble": {"adapt": "ensemble"}}
+KERNELS = {
+    "chees": {"kernel": "chees"},
+    "mams": {"kernel": "mams"},
+    "ensemble": {"adapt": "ensemble"},
+}
+FIXED_LENGTH = ("chees", "mams")
+"""Kernels whose chains all run one jittered trajectory length."""
 X, Y = linreg_data()
 FAST = {"num_warmup": 60, "num_samples": 40, "progress_bar": False}
 
@@ -42,8 +48,10 @@ def test_every_chain_shares_the_adapted_step_size(four_by_two):
     eps = result.extra["step_size"]
     assert eps.shape == (8, 40)
     assert np.unique(eps).size == 1  # one value, frozen after warmup
-    assert 0.05 < eps[0, 0] < 2.0
-    if name == "chees":
+    # MAMS's unit velocity covers sqrt(d) = 2.4 times less ground per unit of
+    # time than an HMC momentum: its steps are that much longer.
+    assert 0.05 < eps[0, 0] < (5.0 if name == "mams" else 2.0)
+    if name in FIXED_LENGTH:
         steps = result.extra["num_steps"]
         assert np.all(steps == steps[:1])  # one trajectory length per transition
         assert np.unique(steps).size > 1  # jittered
@@ -82,12 +90,16 @@ def test_the_device_split_changes_only_rounding(name):
     """1 device x 8 chains and 4 devices x 2: the same pooled statistics, up
     to the rounding of differently compiled blocks (which the adaptation
     feedback amplifies: compared over 12 transitions)."""
-    options = {"num_warmup": 6, "num_samples": 6}
+    # MAMS's long isokinetic steps amplify rounding faster (1e-7 to 5e-3 in
+    # 6 transitions here): compared over its first 6, to 2e-2.
+    n = 3 if name == "mams" else 6
+    options = {"num_warmup": n, "num_samples": n}
     one, four = _run(name, 8, 1, **options), _run(name, 8, 4, **options)
     np.testing.assert_allclose(
         one.extra["step_size"], four.extra["step_size"], rtol=1e-4
     )
-    np.testing.assert_allclose(one.samples["beta"], four.samples["beta"], atol=1e-3)
+    atol = 2e-2 if name == "mams" else 1e-3
+    np.testing.assert_allclose(one.samples["beta"], four.samples["beta"], atol=atol)
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
@@ -135,7 +147,10 @@ def test_data_sets_pool_on_their_own(name):
     assert eps.shape == (2, 4, 40)
     for k in range(2):
         assert np.unique(eps[k]).size == 1
-    assert eps[0, 0, 0] > 1.5 * eps[1, 0, 0]  # sigma 20x larger: smaller steps
+    if name == "mams":  # steps in whitened units: the metric takes the scale
+        assert abs(np.log(eps[0, 0, 0] / eps[1, 0, 0])) > 0.01
+    else:
+        assert eps[0, 0, 0] > 1.5 * eps[1, 0, 0]  # sigma 20x larger: smaller steps
 
 
 def far_mean(level, y):
@@ -145,7 +160,7 @@ def far_mean(level, y):
     numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", ["chees", "ensemble"])  # MAMS: ChEES's window
 def test_pooled_variance_is_accurate_far_from_zero(name):
     """1000 observations at 1e3 and at 1e4 (mean / sd 3e4 and 3e5): the
     pooled moments are accumulated about a running shift, so float32 does not

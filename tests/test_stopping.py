@@ -83,7 +83,12 @@ def test_a_new_target_compiles_nothing(auto, count_compiles):
     assert loose.stats["stop"]["draws"] < auto.stats["stop"]["draws"] + 25
 
 
-KERNELS = {"nuts": {}, "ensemble": {"adapt": "ensemble"}, "chees": {"kernel": "chees"}}
+KERNELS = {
+    "nuts": {},
+    "ensemble": {"adapt": "ensemble"},
+    "chees": {"kernel": "chees"},
+    "mams": {"kernel": "mams"},
+}
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

@@ -19,7 +19,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inner", choices=("vmap", "map", "async"), default="vmap")
     p.add_argument("--lanes", type=int, default=None, help="async lanes per device")
-    p.add_argument("--kernel", choices=("nuts", "chees"), default="nuts")
+    p.add_argument("--kernel", choices=("nuts", "chees", "mams"), default="nuts")
     p.add_argument("--adapt", choices=("chain", "ensemble"), default="chain")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(

@@ -15,7 +15,7 @@ from typing import Any
 from chainmesh.init_strategies import resolve_init_strategy
 
 INNER_STRATEGIES = ("vmap", "map", "async")
-KERNELS = ("nuts", "chees")
+KERNELS = ("nuts", "chees", "mams")
 ADAPTATIONS = ("chain", "ensemble")
 METRICS = ("diag", "dense", "fisher", "lowrank")
 SUPPORTED_METRICS = {
@@ -23,14 +23,17 @@ SUPPORTED_METRICS = {
     ("nuts", "ensemble"): ("diag", "dense", "fisher", "lowrank"),
     ("chees", "chain"): ("diag", "fisher", "lowrank"),
     ("chees", "ensemble"): ("diag", "fisher", "lowrank"),
+    ("mams", "chain"): ("diag", "fisher", "lowrank"),
+    ("mams", "ensemble"): ("diag", "fisher", "lowrank"),
 }
-"""The metrics each (kernel, adapt) pair adapts; ChEES always pools."""
+"""The metrics each (kernel, adapt) pair adapts; ChEES and MAMS always pool."""
 BLOCK_METRICS = ("fisher", "lowrank")
 """Metrics whose adaptation runs on a device's whole block of chains (it
 needs ``inner="vmap"``), NUTS's included (``kernels.metric_nuts``)."""
-TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651}
+TARGET_ACCEPT = {"nuts": 0.8, "chees": 0.651, "mams": 0.9}
 """Default acceptance targets: NumPyro's for NUTS; the ChEES paper's (the
-harmonic mean of the acceptance probabilities over chains)."""
+harmonic mean of the acceptance probabilities over chains); the MAMS
+paper's (the mean over chains)."""
 DEFAULT_CHUNK_DRAWS = 100
 DEFAULT_NUM_SAMPLES = 1000
 DEFAULT_MAX_WARMUP = 1000
@@ -64,9 +67,9 @@ class SamplerConfig:
             ``num_samples`` transitions run after warmup and
             ``num_samples // thinning`` draws are kept.
         target_accept_prob: Dual-averaging target in (0, 1); None: 0.8 for
-            NUTS, 0.651 for ChEES.
-        max_tree_depth: Maximum NUTS tree depth; ChEES caps a trajectory at
-            ``2**max_tree_depth - 1`` leapfrog steps, as NUTS does.
+            NUTS, 0.651 for ChEES, 0.9 for MAMS.
+        max_tree_depth: Maximum NUTS tree depth; ChEES and MAMS cap a
+            trajectory at ``2**max_tree_depth - 1`` gradients, as NUTS does.
         dense_mass: Adapt a dense (True) or diagonal (False) mass matrix;
             True is an alias for ``metric="dense"``.
         init_strategy: Name of a NumPyro init strategy or an init function.
@@ -77,8 +80,9 @@ class SamplerConfig:
             advancing its own NUTS tree one leapfrog step per iteration).
         lanes: With ``inner="async"``: lanes per device (None: one per chain);
             fewer lanes than chains hand chains to lanes as they finish.
-        kernel: "nuts" (NumPyro's NUTS) or "chees" (ChEES-HMC, adapted from
-            statistics pooled over every chain of the mesh).
+        kernel: "nuts" (NumPyro's NUTS), "chees" (ChEES-HMC) or "mams"
+            (Metropolis-adjusted microcanonical HMC); the last two adapt from
+            statistics pooled over every chain of the mesh.
         adapt: NUTS adaptation: "chain" (each chain alone, as NumPyro) or
             "ensemble" (step size and mass matrix from statistics pooled over
             every chain of the mesh; one collective per warmup transition).
@@ -305,8 +309,12 @@ class SamplerConfig:
         """
         if self.inner == "vmap":
             return
-        if self.kernel == "chees" or self.adapt == "ensemble":
-            what = "kernel='chees'" if self.kernel == "chees" else "adapt='ensemble'"
+        if self.kernel != "nuts" or self.adapt == "ensemble":
+            what = (
+                f"kernel={self.kernel!r}"
+                if self.kernel != "nuts"
+                else "adapt='ensemble'"
+            )
             raise ValueError(
                 f"{what} pools statistics over a device's chains in one "
                 f"vectorized block; it needs inner='vmap', got inner={self.inner!r}"

@@ -50,9 +50,9 @@ class Sampler:
         init_strategy: ``"init_to_median"``, ``"init_to_sample"``,
             ``"init_to_uniform"``, ``"init_to_value"`` or a NumPyro init fn.
         target_accept_prob: Step-size adaptation target in (0, 1); None:
-            0.8 for NUTS, 0.651 for ChEES.
-        max_tree_depth: Maximum NUTS tree depth (ChEES: at most
-            ``2**max_tree_depth - 1`` leapfrog steps per transition).
+            0.8 for NUTS, 0.651 for ChEES, 0.9 for MAMS.
+        max_tree_depth: Maximum NUTS tree depth (ChEES and MAMS: at most
+            ``2**max_tree_depth - 1`` gradients per transition).
         dense_mass: Adapt a dense mass matrix instead of a diagonal one (an
             alias for ``metric="dense"``).
         chunk_size: Transitions (warmup) or draws (sampling) per compiled
@@ -66,9 +66,10 @@ class Sampler:
             Fewer lanes than chains per device: a lane that finishes a
             transition takes the next chain that is ready, so the device
             stays busy until the work runs out. Draws do not depend on it.
-        kernel: ``"nuts"`` (NumPyro's NUTS) or ``"chees"`` (ChEES-HMC: every
-            chain runs the same trajectory length, adapted from statistics
-            pooled over all chains of the mesh; ``docs/kernels.md``).
+        kernel: ``"nuts"`` (NumPyro's NUTS), ``"chees"`` (ChEES-HMC) or
+            ``"mams"`` (Metropolis-adjusted microcanonical HMC): with the last
+            two every chain runs the same trajectory length, adapted from
+            statistics pooled over all chains of the mesh (``docs/kernels.md``).
         adapt: NUTS adaptation: ``"chain"`` (each chain alone, as NumPyro)
             or ``"ensemble"`` (one step size and mass matrix from statistics
             pooled over all chains of the mesh).

@@ -15,6 +15,9 @@ run a kernel over a device's block of chains.
 - ``chees`` / ``chees_adapt`` / ``chees_chains``: ChEES-HMC over a block of chains, its
   adaptation pooled over the mesh (``kernel="chees"``; ``ensemble``: pooled
   statistics; ``hmc``: one fixed-length HMC transition).
+- ``mams`` / ``mams_adapt`` / ``isokinetic``: MAMS, the Metropolis-adjusted
+  microcanonical sampler, tuned from the whole mesh (``kernel="mams"``;
+  ``chees_chains`` makes it a kernel as it does ChEES).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def build_kernel(model: Callable, config: SamplerConfig, info: ModelInfo) -> Ker
         from chainmesh.kernels.chees_chains import build_chees
 
         return build_chees(model, config, info)
+    if config.kernel == "mams":
+        from chainmesh.kernels.chees_chains import build_mams
+
+        return build_mams(model, config, info)
     if config.metric in BLOCK_METRICS:
         from chainmesh.kernels.metric_nuts import build_metric_nuts
 

@@ -63,6 +63,10 @@ class ChEESState(NamedTuple):
     buffer: DrawBuffer
 
 
+State = ChEESState
+"""The block state under the name ``chees_chains.build_block_kernel`` reads."""
+
+
 class ChEESInfo(NamedTuple):
     """Per-lane facts about one transition, each ``(lanes,)``.
 

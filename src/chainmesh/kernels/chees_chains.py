@@ -1,7 +1,8 @@
-"""ChEES-HMC as a ``Sampler`` kernel: per-chain state, pooled block step.
+"""ChEES-HMC and MAMS as ``Sampler`` kernels: per-chain state, pooled block step.
 
-``chees`` implements the block transition and its pooled adaptation; this
-module gives it the state layout the programs expect (one pytree per chain,
+``chees`` and ``mams`` implement block transitions and their pooled
+adaptation, with one interface (``init_adapt``, ``build_step``, ``State``);
+this module gives either the state layout the programs expect (one pytree per chain,
 with ``z``, ``num_steps``, ``diverging`` and the extra fields), NumPyro's
 initialization (init strategies; initial step size 1, as NumPyro's NUTS), and
 per-chain keys: a chain's momentum and acceptance draws come from its own
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
-from chainmesh.kernels import chees, metric_window
+from chainmesh.kernels import chees, mams, metric_window
 from chainmesh.kernels.base import Kernel, named_fields, skip_counter
 from chainmesh.kernels.nuts import build_nuts
 from chainmesh.kernels.pooled_nuts import POOL_AXIS
@@ -26,7 +27,7 @@ from chainmesh.model import ModelInfo, potential_fn_gen
 
 
 class ChEESChain(NamedTuple):
-    """One chain's ChEES state (a block stacks these on a leading axis).
+    """One chain's ChEES (or MAMS) state (a block stacks these on a leading axis).
 
     Attributes:
         i: Transitions taken.
@@ -39,7 +40,8 @@ class ChEESChain(NamedTuple):
         diverging: Whether its energy error exceeded the threshold.
         step_size: The step size it used.
         rng_key: The chain's key, split once per transition.
-        adapt: The shared adaptation state (equal on every chain).
+        adapt: The shared adaptation state (equal on every chain): a
+            ``ChEESAdaptState`` or a ``MAMSAdaptState``.
         buffer: The chain's draws kept for the low-rank metric estimate.
     """
 
@@ -53,7 +55,7 @@ class ChEESChain(NamedTuple):
     diverging: jax.Array
     step_size: jax.Array
     rng_key: jax.Array
-    adapt: chees.ChEESAdaptState
+    adapt: Any
     buffer: metric_window.DrawBuffer
 
 
@@ -64,6 +66,23 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
     cap come from ``config``; the adaptation pools over every real chain of
     the ``chain`` mesh axis (never over data shards).
     """
+    return build_block_kernel(model, config, info, chees, _skip)
+
+
+def build_mams(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kernel:
+    """MAMS for ``model`` (``kernel="mams"``), tuned from the whole mesh.
+
+    Like ``build_chees``: ``config`` gives the warmup length, the acceptance
+    target and the cap of ``2**max_tree_depth - 1`` gradients a transition.
+    """
+    return build_block_kernel(model, config, info, mams, skip_counter_adapt)
+
+
+def build_block_kernel(
+    model: Callable, config: SamplerConfig, info: ModelInfo, module: Any, skip: Callable
+) -> Kernel:
+    """A ``Kernel`` of the block transition of ``module`` (``chees`` or
+    ``mams``), with ``skip`` its ``Kernel.skip``."""
     nuts = build_nuts(model, config, info)
     enum = bool(info.enumerated)
     max_steps = 2**config.max_tree_depth - 1
@@ -71,7 +90,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
     def init(key: jax.Array, strategy: Any, args: tuple, kwargs: dict):
         state, valid = nuts.init(key, strategy, args, kwargs)
         flat, _ = ravel_pytree(state.z)
-        adapt = chees.init_adapt(
+        adapt = module.init_adapt(
             flat.size, flat.dtype, state.adapt_state.step_size, metric=config.metric
         )
         zero = jnp.zeros_like(state.accept_prob)
@@ -93,7 +112,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
 
     def block(args: tuple, kwargs: dict, real: jax.Array) -> Callable:
         potential = potential_fn_gen(model, enum)(*args, **kwargs)
-        step = chees.build_step(
+        step = module.build_step(
             potential,
             config.num_warmup,
             config.target_accept_prob,
@@ -106,7 +125,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
             keys = jax.vmap(jax.random.split)(s.rng_key)
             moved, out = step(
                 keys[:, 1],
-                chees.ChEESState(s.z, s.potential_energy, s.z_grad, s.adapt, s.buffer),
+                module.State(s.z, s.potential_energy, s.z_grad, s.adapt, s.buffer),
                 real,
             )
             return ChEESChain(
@@ -126,7 +145,7 @@ def build_chees(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kern
 
         return run
 
-    return Kernel(init=init, step=None, block=block, fields=_fields, skip=_skip)
+    return Kernel(init=init, step=None, block=block, fields=_fields, skip=skip)
 
 
 def _skip(s: ChEESChain, to: jax.Array) -> ChEESChain:
@@ -141,6 +160,14 @@ def _skip(s: ChEESChain, to: jax.Array) -> ChEESChain:
         log_trajectory_length_avg=average,
     )
     return skip_counter(s, to)._replace(adapt=adapt)
+
+
+def skip_counter_adapt(s: ChEESChain, to: jax.Array) -> ChEESChain:
+    """Jump to transition ``to``: the counters move, the adaptation goes on
+    from where the last window end left it."""
+    a = s.adapt
+    step = jnp.where(to >= 0, to, a.step).astype(a.step.dtype)
+    return skip_counter(s, to)._replace(adapt=a._replace(step=step))
 
 
 def _fields(state: ChEESChain) -> dict[str, jax.Array]:

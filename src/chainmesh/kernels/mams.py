@@ -1,0 +1,197 @@
+"""MAMS over a block of chains, tuned from statistics pooled over a mesh.
+
+MAMS, the Metropolis-adjusted microcanonical sampler (Robnik, Cohn-Gordon &
+Seljak 2025), moves each chain along the isokinetic dynamics from a fresh
+uniformly random velocity, for a trajectory of jittered length, and accepts
+the end point with the Metropolis test on the energy error
+(``isokinetic.transition``). Every chain of the mesh runs the same number of
+steps in a transition (a Halton jitter of the shared length: uniform on
+``(0, 2 L)``), so a vectorized block never waits for a lane.
+
+During warmup the step size, the trajectory length ``L`` and the metric
+(``"diag"``, ``"fisher"`` or ``"lowrank"``) adapt from statistics pooled over
+every real chain of the mesh (``mams_adapt``: one collective per warmup
+transition, one more at each ``"lowrank"`` window end; none per step, none
+after warmup). After warmup everything is frozen: exact for the target.
+
+``init_adapt`` and ``build_step`` have the interface of ``chees``'s, so
+``chees_chains.build_block_kernel`` makes either a ``Sampler`` kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from chainmesh.kernels import isokinetic, mams_adapt, metric_window
+from chainmesh.kernels.chees import _flat, halton
+from chainmesh.kernels.ensemble import AxisName, first_lane, mass_schedule, replicate
+from chainmesh.kernels.mams_adapt import MAMSAdaptState
+from chainmesh.kernels.metric_window import DrawBuffer
+
+INITIAL_STEPS = 4.0
+"""Steps per trajectory before the first update of ``L`` (``L = 4 eps``);
+the length rule reaches its target within tens of transitions from there."""
+
+
+class State(NamedTuple):
+    """State of a block of chains; every leaf has the leading lane axis.
+
+    Attributes:
+        position: Pytree of unconstrained values, leaves ``(lanes, ...)``.
+        potential_energy: ``(lanes,)``.
+        grad: Gradient of the potential, structured like ``position``.
+        adapt: ``MAMSAdaptState`` replicated on every lane.
+        buffer: Each lane's draws kept for the low-rank estimate (None
+            unless ``"lowrank"``).
+    """
+
+    position: Any
+    potential_energy: jax.Array
+    grad: Any
+    adapt: MAMSAdaptState
+    buffer: DrawBuffer
+
+
+class Info(NamedTuple):
+    """Per-lane facts about one transition, each ``(lanes,)``.
+
+    Attributes:
+        accept_prob: Metropolis acceptance probability of the proposal.
+        num_steps: Gradient evaluations (two per step), equal on every lane.
+        diverging: Energy error above ``max_delta_energy`` or not finite.
+        energy: Potential energy at the new state (the isokinetic kinetic
+            energy is constant).
+        step_size: Step size used.
+    """
+
+    accept_prob: jax.Array
+    num_steps: jax.Array
+    diverging: jax.Array
+    energy: jax.Array
+    step_size: jax.Array
+
+
+def init(
+    positions: Any, potential_fn: Callable, step_size: float = 1.0, metric: str = "diag"
+) -> State:
+    """The state of a block of chains at ``positions``.
+
+    Args:
+        positions: Pytree of unconstrained values, leaves ``(lanes, ...)``.
+        potential_fn: Negative log density of one chain's position pytree.
+        step_size: Initial HMC-scale step size (``init_adapt``).
+        metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
+    """
+    potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
+    flat, _ = _flat(positions)
+    lanes, dim = flat.shape
+    adapt = init_adapt(dim, flat.dtype, step_size, metric)
+    buffer = metric_window.buffer_init(metric, dim, flat.dtype)
+    return State(
+        positions, potential, grad, replicate(adapt, lanes), replicate(buffer, lanes)
+    )
+
+
+def init_adapt(
+    dim: int, dtype: Any, step_size: Any = 1.0, metric: str = "diag"
+) -> MAMSAdaptState:
+    """The shared adaptation state before the first transition (one copy).
+
+    Args:
+        dim: Coordinates of one chain's flat position (at least 2).
+        dtype: Floating dtype of the positions.
+        step_size: An HMC step size for the initial metric (NumPyro's
+            initial one); a unit velocity covers ``sqrt(dim)`` times less
+            ground per unit time, so MAMS starts at ``sqrt(dim)`` times it.
+        metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
+    """
+    eps = jnp.asarray(step_size, dtype) * np.sqrt(dim)
+    return mams_adapt.init(dim, dtype, eps, INITIAL_STEPS * eps, metric)
+
+
+def build_step(
+    potential_fn: Callable,
+    num_warmup: int,
+    target_accept: float = 0.9,
+    axis_name: AxisName = None,
+    *,
+    max_num_steps: int = 1023,
+    max_delta_energy: float = 1000.0,
+    metric: str = "diag",
+) -> Callable[[jax.Array, State, jax.Array], tuple[State, Info]]:
+    """Build ``step(keys, state, real) -> (state, info)`` for a block of chains.
+
+    Call ``step`` inside ``shard_map`` over a mesh whose ``axis_name`` axes
+    carry chains (or outside one with ``axis_name=None``). ``keys`` holds one
+    PRNG key per lane, so a chain's velocity and acceptance draws depend on
+    its own key only; ``real`` is False on padding lanes, which never enter a
+    pooled statistic.
+
+    Args:
+        potential_fn: Negative log density of one chain's position pytree.
+        num_warmup: Adaptive transitions; later ones are frozen MAMS.
+        target_accept: Target mean acceptance probability.
+        axis_name: Mesh axis or axes to pool over; None: the local block.
+        max_num_steps: Cap on the gradient evaluations of a transition.
+        max_delta_energy: Energy error beyond which a transition diverges.
+        metric: The metric adapted (``metric_window``).
+    """
+    collect, window_end = mass_schedule(num_warmup)
+    slots = jnp.asarray(metric_window.buffer_slots(num_warmup))
+    max_steps = max(max_num_steps // isokinetic.GRADIENTS_PER_STEP, 1)
+    hyper = mams_adapt.Hyper(
+        num_warmup, target_accept, max_steps, jnp.asarray(collect),
+        jnp.asarray(window_end), metric, axis_name,
+    )  # fmt: skip
+
+    def step(keys: jax.Array, state: State, real: jax.Array) -> tuple[State, Info]:
+        a = first_lane(state.adapt)
+        x0, unravel = _flat(state.position)
+        lanes, dtype = x0.shape[0], x0.dtype
+
+        warm = a.step < num_warmup
+        eps = jnp.exp(jnp.where(warm, a.log_step_size, a.log_step_size_avg))
+        length = jnp.exp(jnp.where(warm, a.log_length, a.log_length_avg))
+        jitter = halton(a.step, dtype)
+        num_steps = jnp.clip(jnp.ceil(2.0 * jitter * length / eps), 1, max_steps)
+        num_steps = num_steps.astype(jnp.int32)
+
+        def potential(q: jax.Array) -> jax.Array:
+            return potential_fn(unravel(q))
+
+        start = (x0, state.potential_energy, _flat(state.grad)[0])
+        moved = isokinetic.transition(potential, keys, start, eps, a.metric, num_steps)
+        t = jnp.minimum(a.step, max(num_warmup, 1) - 1)
+        slot = jnp.where(warm, slots[t], -1)
+        kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
+
+        def adapt(a: MAMSAdaptState) -> MAMSAdaptState:
+            stats = mams_adapt.Stats(x0, moved, real, eps * num_steps, kept)
+            return mams_adapt.adapt(a, stats, hyper)
+
+        ended = warm & hyper.window_end[t]
+        buffer = metric_window.restart(kept, ended)
+        a = lax.cond(warm, adapt, lambda a: a._replace(step=a.step + 1), a)
+        new = State(
+            jax.vmap(unravel)(moved.x),
+            moved.potential_energy,
+            jax.vmap(unravel)(moved.grad),
+            replicate(a, lanes),
+            buffer,
+        )
+        info = Info(
+            accept_prob=moved.accept_prob,
+            num_steps=jnp.full((lanes,), num_steps * isokinetic.GRADIENTS_PER_STEP),
+            diverging=moved.delta > max_delta_energy,
+            energy=moved.potential_energy,
+            step_size=jnp.full((lanes,), eps),
+        )
+        return new, info
+
+    return step
