@@ -26,6 +26,8 @@ SBC_ONLY = {
     # code, and eight schools (a funnel) is where it can go wrong.
     "nuts-fisher": ("eight_schools_noncentered",),
     "nuts-ensemble-fisher": ("eight_schools_noncentered",),
+    # MAMS's velocity lives on a sphere: normal_mean has one parameter.
+    "mams": ("eight_schools_noncentered", "logistic"),
 }
 """SBC models a configuration runs, where not every one: each distinct code
 path keeps SBC cases, and the suite stays within its time budget."""

@@ -164,6 +164,7 @@ AUTO_CASES = [
     ("nuts-lowrank", "logistic"),  # per-chain low-rank metric jumps
     ("nuts-ensemble", "normal_mean"),  # pooled NUTS jumps
     ("chees", "eight_schools_noncentered"),  # pooled ChEES keeps its length
+    ("mams", "logistic"),  # MAMS carries its length and step on
 ]
 """One SBC case per code path that ends warmup early (``Kernel.skip``)."""
 AUTO_CHAINS = 4

@@ -10,7 +10,11 @@ sampling phase is timed alone.
 metric, Halton jitter) followed by ``blackjax.dynamic_hmc`` with the adapted
 step size and trajectory length. ``blackjax_nuts``: ``blackjax.window_adaptation``
 (Stan's windows) per chain, then ``blackjax.nuts`` with each chain's step size
-and metric.
+and metric. ``blackjax_mams``: BlackJAX's MAMS tuner
+(``adjusted_mclmc_find_L_and_step_size``, its defaults: acceptance 0.9,
+diagonal preconditioning, two integrator steps per trajectory on average)
+per chain, then ``adjusted_mclmc_dynamic`` (minimal-norm integrator, a
+uniformly jittered number of steps).
 """
 
 from __future__ import annotations
@@ -232,6 +236,71 @@ def blackjax_nuts(
         state, (step_size, inverse_mass) = carry
         state, info = nuts(k, state, logdensity, step_size, inverse_mass)
         return (state, carry[1]), info
+
+    sample = jax.jit(_sampling_program(potential, samples, chains, step))
+    return partial(_timed_call, warm, sample, potential)
+
+
+TUNING_FRACTION = 0.3
+"""Transitions BlackJAX's MAMS tuner runs, per transition it is told will
+follow (``frac_tune1`` and ``frac_tune2`` of 0.1, the first twice)."""
+
+
+def blackjax_mams(
+    model: Callable, args: tuple, chains: int, warmup: int, samples: int
+) -> Callable[[int, tuple], PeerDraws]:
+    """BlackJAX MAMS, each chain tuned by BlackJAX's own MAMS tuner over
+    ``warmup`` transitions: ``call(seed, args)``. Steps count gradients (two
+    per minimal-norm step)."""
+    import blackjax
+    from blackjax.adaptation.adjusted_mclmc_adaptation import (
+        adjusted_mclmc_find_L_and_step_size,
+    )
+    from blackjax.mcmc.adjusted_mclmc import rescale
+
+    potential = numpyro_potential(model, args, chains)
+    mams = blackjax.adjusted_mclmc_dynamic.build_kernel(
+        integration_steps_fn=lambda k, avg: jnp.ceil(
+            jax.random.uniform(k) * rescale(avg)
+        ),
+    )
+
+    def kernel(rng_key, state, logdensity_fn, step_size, inverse_mass_matrix,
+               integration_steps_params):  # fmt: skip
+        return mams(
+            rng_key, state, logdensity_fn, step_size,
+            inverse_mass_matrix=inverse_mass_matrix,
+            integration_steps_params=integration_steps_params,
+        )  # fmt: skip
+
+    @jax.jit
+    def warm(key: jax.Array, positions: dict, args: tuple) -> tuple:
+        logdensity = partial(potential.logdensity, args)
+
+        def one(k, position):
+            k_init, k_tune = jax.random.split(k)
+            state = blackjax.adjusted_mclmc_dynamic.init(position, logdensity, k_init)
+            state, params, steps = adjusted_mclmc_find_L_and_step_size(
+                mclmc_kernel=kernel, logdensity_fn=logdensity,
+                num_steps=int(round(warmup / TUNING_FRACTION)), state=state,
+                rng_key=k_tune, target=0.9,
+            )  # fmt: skip
+            average = params.L / params.step_size
+            return (
+                state,
+                (params.step_size, params.inverse_mass_matrix, average),
+                2 * steps,
+            )
+
+        states, kernels, steps = jax.vmap(one)(jax.random.split(key, chains), positions)
+        return (states, kernels), steps[None, :]  # (1, chains): all of warmup
+
+    def step(k, carry, logdensity):
+        state, (step_size, inverse_mass, average) = carry
+        state, info = kernel(k, state, logdensity, step_size, inverse_mass, (average,))
+        return (state, carry[1]), info._replace(
+            num_integration_steps=2 * info.num_integration_steps
+        )
 
     sample = jax.jit(_sampling_program(potential, samples, chains, step))
     return partial(_timed_call, warm, sample, potential)

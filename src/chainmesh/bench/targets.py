@@ -39,6 +39,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "chees": {"kernel": "chees"},
     "chees-fisher": {"kernel": "chees", "metric": "fisher"},
     "chees-lowrank": {"kernel": "chees", "metric": "lowrank"},
+    "mams": {"kernel": "mams"},
     "nuts-async": {"inner": "async"},
     # One lane for every two chains: lanes hand chains over as they finish.
     "nuts-async-lanes": {"inner": "async", "lanes": 1, "devices": 2},
@@ -56,9 +57,10 @@ UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "chees": ("dense_mass", "target_accept_prob"),
     "chees-fisher": ("dense_mass", "target_accept_prob"),
     "chees-lowrank": ("dense_mass", "target_accept_prob"),
+    "mams": ("dense_mass", "target_accept_prob"),
 }
 """Target settings a configuration does not take (a metric other than the
-dense one; ChEES: its own acceptance target)."""
+dense one; ChEES and MAMS: their own acceptance targets)."""
 
 DEFAULT_CONFIGS = ("nuts-vmap", "nuts-ensemble", "chees")
 """The configurations ``--quick`` runs: one per kernel and adaptation; the
