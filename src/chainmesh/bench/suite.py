@@ -5,8 +5,8 @@ same chains, warmup, draws and seed; the parent scores it against the
 posterior's reference and writes ``suite.json`` (one record per run),
 ``suite.md`` and ``suite.png`` (``suite_report``). Samplers: NumPyro NUTS
 (``vectorized``, the baseline of every ratio), ``chainmesh:<configuration>``
-for the harness's configurations, BlackJAX window-adapted NUTS and ChEES, and
-nutpie on the same NumPyro potential. A peer whose package is missing is
+for the harness's configurations, BlackJAX window-adapted NUTS, ChEES and
+MAMS, and nutpie on the same NumPyro potential. A peer whose package is missing is
 skipped with a line saying so.
 
 Example:

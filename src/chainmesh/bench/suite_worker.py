@@ -133,8 +133,11 @@ def _peer(job: dict, target: Target, sampler: str) -> Callable[[int], tuple]:
         accept = target.options.get("target_accept_prob", 0.8)
         run = peers.blackjax_nuts(*shape, dense_mass=dense, target_accept_prob=accept)
         plan = f"{job['chains']} chains vmapped on the default device"
-    elif sampler == "blackjax:chees":
-        run = peers.blackjax_chees(*shape)
+    elif sampler in ("blackjax:chees", "blackjax:mams"):
+        build = (
+            peers.blackjax_chees if sampler == "blackjax:chees" else peers.blackjax_mams
+        )
+        run = build(*shape)
         plan = f"{job['chains']} chains vmapped on the default device"
     elif sampler in ("nutpie", "nutpie:lowrank"):
         from chainmesh.bench.nutpie_peer import nutpie_sampler

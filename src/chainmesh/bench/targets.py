@@ -66,7 +66,14 @@ DEFAULT_CONFIGS = ("nuts-vmap", "nuts-ensemble", "chees")
 """The configurations ``--quick`` runs: one per kernel and adaptation; the
 other three run the same algorithm with another schedule on a device."""
 
-PEERS = ("numpyro", "blackjax:nuts", "blackjax:chees", "nutpie", "nutpie:lowrank")
+PEERS = (
+    "numpyro",
+    "blackjax:nuts",
+    "blackjax:chees",
+    "blackjax:mams",
+    "nutpie",
+    "nutpie:lowrank",
+)
 """Peer samplers, in table order; ``numpyro`` is every ratio's baseline.
 ``nutpie`` adapts a diagonal metric (a low-rank one where the posterior asks
 for a dense mass matrix), ``nutpie:lowrank`` its low-rank metric everywhere."""
