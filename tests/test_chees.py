@@ -20,7 +20,15 @@ from numpyro.infer.util import potential_energy
 import chainmesh as cm
 from chainmesh.diagnostics import effective_sample_size
 from chainmesh.examples import eight_schools, eight_schools_data
-from chainmesh.kernels import chees, chees_adapt, ensemble, hmc, metric_window, metrics
+from chainmesh.kernels import (
+    chees,
+    chees_adapt,
+    ensemble,
+    hmc,
+    mams,
+    metric_window,
+    metrics,
+)
 from chainmesh.mesh import CHAIN
 
 SCALES = np.logspace(-1, 1, 10).astype(np.float32)
@@ -240,11 +248,13 @@ def test_shards_vmapped_on_a_device_pool_within_their_own_shard():
         )
 
 
-def test_a_step_has_one_collective():
-    """One all-gather, in the warmup update: none per leapfrog step, none else."""
-    step = chees.build_step(gaussian_potential, 30, axis_name=CHAIN)
+@pytest.mark.parametrize("module", [chees, mams], ids=["chees", "mams"])
+def test_a_step_has_one_collective(module):
+    """One all-gather, in the warmup update: none per leapfrog (MAMS:
+    integrator) step, none else."""
+    step = module.build_step(gaussian_potential, 30, axis_name=CHAIN)
     x = {"x": jnp.asarray(uniform_init(8, 10))}
-    state = jax.eval_shape(partial(chees.init, potential_fn=gaussian_potential), x)
+    state = jax.eval_shape(partial(module.init, potential_fn=gaussian_potential), x)
     mesh = Mesh(np.array(jax.devices()[:4]), (CHAIN,))
     fn = jax.shard_map(
         step, mesh=mesh, in_specs=P(CHAIN), out_specs=P(CHAIN), check_vma=False

@@ -51,7 +51,8 @@ class ChEESState(NamedTuple):
         position: Pytree of unconstrained values, leaves ``(lanes, ...)``.
         potential_energy: ``(lanes,)``.
         grad: Gradient of the potential, structured like ``position``.
-        adapt: ``ChEESAdaptState`` replicated on every lane.
+        adapt: ``ChEESAdaptState`` (MAMS: ``MAMSAdaptState``) replicated
+            on every lane.
         buffer: Each lane's draws kept for the low-rank estimate (None
             unless ``"lowrank"``).
     """
@@ -59,7 +60,7 @@ class ChEESState(NamedTuple):
     position: Any
     potential_energy: jax.Array
     grad: Any
-    adapt: ChEESAdaptState
+    adapt: Any
     buffer: DrawBuffer
 
 
@@ -72,9 +73,11 @@ class ChEESInfo(NamedTuple):
 
     Attributes:
         accept_prob: Metropolis acceptance probability of the proposal.
-        num_steps: Leapfrog steps (int32), equal on every lane.
+        num_steps: Leapfrog steps (int32), equal on every lane (MAMS:
+            gradients, two per step).
         diverging: Energy error above ``max_delta_energy`` or not finite.
-        energy: Hamiltonian at the new state.
+        energy: Hamiltonian at the new state (MAMS: the potential; its
+            kinetic energy is constant).
         step_size: Step size used.
     """
 
@@ -114,10 +117,23 @@ def init(
         trajectory_length: Initial trajectory length (Adam adjusts it).
         metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
     """
+    return block_init(
+        positions,
+        potential_fn,
+        partial(init_adapt, step_size=step_size, trajectory_length=trajectory_length),
+        metric,
+    )
+
+
+def block_init(
+    positions: Any, potential_fn: Callable, init_adapt: Callable, metric: str
+) -> ChEESState:
+    """The state of a block of chains at ``positions``, its shared adaptation
+    state ``init_adapt(dim, dtype, metric=metric)`` (ChEES's or MAMS's)."""
     potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
     flat, _ = _flat(positions)
     lanes, dim = flat.shape
-    adapt = init_adapt(dim, flat.dtype, step_size, trajectory_length, metric)
+    adapt = init_adapt(dim, flat.dtype, metric=metric)
     buffer = metric_window.buffer_init(metric, dim, flat.dtype)
     return ChEESState(
         positions, potential, grad, replicate(adapt, lanes), replicate(buffer, lanes)
@@ -140,16 +156,10 @@ def init_adapt(
         trajectory_length: Initial trajectory length.
         metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
     """
-    log_eps = jnp.log(jnp.asarray(step_size, dtype))
     log_t = jnp.log(jnp.asarray(trajectory_length, dtype))
     zero = jnp.zeros((), dtype)
     return ChEESAdaptState(
-        step=jnp.zeros((), jnp.int32),
-        log_step_size=log_eps,
-        log_step_size_avg=log_eps,
-        da_mu=log_eps + jnp.log(10.0).astype(dtype),
-        da_h_bar=zero,
-        window_count=zero,
+        **chees_adapt.step_size_fields(step_size, dtype),
         log_trajectory_length=log_t,
         log_trajectory_length_avg=log_t,
         adam_m=zero,

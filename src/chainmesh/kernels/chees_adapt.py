@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +128,62 @@ class Stats(NamedTuple):
     buffer: DrawBuffer | None  # lanes' kept draws, this transition's included
 
 
+def step_size_fields(step_size: Any, dtype: Any) -> dict:
+    """Dual averaging's fields of an adaptation state before its first update
+    (``step_size`` the initial one), as keyword arguments."""
+    log_eps = jnp.log(jnp.asarray(step_size, dtype))
+    zero = jnp.zeros((), dtype)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "log_step_size": log_eps,
+        "log_step_size_avg": log_eps,
+        "da_mu": log_eps + jnp.log(10.0).astype(dtype),
+        "da_h_bar": zero,
+        "window_count": zero,
+    }
+
+
+def dual_averaging(
+    a: Any, count: jax.Array, error: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Nesterov dual averaging of ``log step_size`` (Stan's constants) after
+    ``count`` updates since the last restart, on ``error = target - accept``.
+
+    Returns:
+        The new iterate, its weighted average and the running mean error.
+    """
+    h_bar = (1 - 1 / (count + DA_T0)) * a.da_h_bar + error / (count + DA_T0)
+    log_eps = a.da_mu - jnp.sqrt(count) / DA_GAMMA * h_bar
+    eta = count**-DA_KAPPA
+    return log_eps, eta * log_eps + (1 - eta) * a.log_step_size_avg, h_bar
+
+
+def window_metric(
+    a: Any, batch: dict, stats: Any, hyper: Any
+) -> tuple[jax.Array, MetricWindow, jax.Array, metrics.Metric]:
+    """The window's moments with this transition's pooled ``batch`` merged,
+    and at a window's end its metric (ChEES's and MAMS's states and hypers).
+
+    Outside the slow windows only the mean moves, to the batch mean: the
+    shift of the next window's sums and of the kernels' centring.
+
+    Returns:
+        ``(t, window, ended, metric)``: the warmup transition's index, the
+        merged window, whether it ended the window, the metric after it.
+    """
+    t = jnp.minimum(a.step, hyper.num_warmup - 1)
+    window = metric_window.merge(a.window, batch, hyper.collect[t])
+    ended = hyper.window_end[t]
+
+    def estimate() -> metrics.Metric:
+        return metric_window.estimate(
+            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name,
+            a.metric,
+        )  # fmt: skip
+
+    return t, window, ended, lax.cond(ended, estimate, lambda: a.metric)
+
+
 def chees_gradient(
     a: ChEESAdaptState, stats: Stats, hyper: Hyper
 ) -> tuple[dict, jax.Array]:
@@ -186,10 +242,7 @@ def adapt(a: ChEESAdaptState, stats: Stats, hyper: Hyper) -> ChEESAdaptState:
     # Step size: dual averaging on the harmonic mean acceptance probability.
     count = a.window_count + 1.0
     error = hyper.target_accept - pooled["n"] / pooled["inv_accept"]
-    h_bar = (1 - 1 / (count + DA_T0)) * a.da_h_bar + error / (count + DA_T0)
-    log_eps = a.da_mu - jnp.sqrt(count) / DA_GAMMA * h_bar
-    eta = count**-DA_KAPPA
-    log_eps_avg = eta * log_eps + (1 - eta) * a.log_step_size_avg
+    log_eps, log_eps_avg, h_bar = dual_averaging(a, count, error)
 
     # Trajectory length: Adam ascent on ChEES in log space, clipped, averaged.
     k = (a.step + 1).astype(dtype)
@@ -204,19 +257,7 @@ def adapt(a: ChEESAdaptState, stats: Stats, hyper: Hyper) -> ChEESAdaptState:
 
     # Mass matrix: pooled moments of the slow windows; at a window's end, the
     # new mass matrix restarts dual averaging and the trajectory average.
-    t = jnp.minimum(a.step, hyper.num_warmup - 1)
-    # Outside the slow windows (count 0) only the mean moves, to the batch
-    # mean: the shift of the next window's sums and of the ChEES centring.
-    window = metric_window.merge(a.window, pooled["batch"], hyper.collect[t])
-    ended = hyper.window_end[t]
-
-    def estimate() -> metrics.Metric:
-        return metric_window.estimate(
-            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name,
-            a.metric,
-        )  # fmt: skip
-
-    metric = lax.cond(ended, estimate, lambda: a.metric)
+    t, window, ended, metric = window_metric(a, pooled["batch"], stats, hyper)
     # A new metric changes the time scale: restart the length where ChEES's
     # gradient is informative, except after the last window, where Adam goes
     # on from the window's average length (see RESTART_LENGTH).

@@ -21,7 +21,8 @@ after warmup). After warmup everything is frozen: exact for the target.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,52 +30,21 @@ import numpy as np
 from jax import lax
 
 from chainmesh.kernels import isokinetic, mams_adapt, metric_window
-from chainmesh.kernels.chees import _flat, halton
+from chainmesh.kernels.chees import ChEESInfo, ChEESState, _flat, block_init, halton
 from chainmesh.kernels.ensemble import AxisName, first_lane, mass_schedule, replicate
 from chainmesh.kernels.mams_adapt import MAMSAdaptState
-from chainmesh.kernels.metric_window import DrawBuffer
 
 INITIAL_STEPS = 4.0
 """Steps per trajectory before the first update of ``L`` (``L = 4 eps``);
 the length rule reaches its target within tens of transitions from there."""
 
 
-class State(NamedTuple):
-    """State of a block of chains; every leaf has the leading lane axis.
+State = ChEESState
+"""The block state: ChEES's, with a ``MAMSAdaptState`` as ``adapt``."""
 
-    Attributes:
-        position: Pytree of unconstrained values, leaves ``(lanes, ...)``.
-        potential_energy: ``(lanes,)``.
-        grad: Gradient of the potential, structured like ``position``.
-        adapt: ``MAMSAdaptState`` replicated on every lane.
-        buffer: Each lane's draws kept for the low-rank estimate (None
-            unless ``"lowrank"``).
-    """
-
-    position: Any
-    potential_energy: jax.Array
-    grad: Any
-    adapt: MAMSAdaptState
-    buffer: DrawBuffer
-
-
-class Info(NamedTuple):
-    """Per-lane facts about one transition, each ``(lanes,)``.
-
-    Attributes:
-        accept_prob: Metropolis acceptance probability of the proposal.
-        num_steps: Gradient evaluations (two per step), equal on every lane.
-        diverging: Energy error above ``max_delta_energy`` or not finite.
-        energy: Potential energy at the new state (the isokinetic kinetic
-            energy is constant).
-        step_size: Step size used.
-    """
-
-    accept_prob: jax.Array
-    num_steps: jax.Array
-    diverging: jax.Array
-    energy: jax.Array
-    step_size: jax.Array
+Info = ChEESInfo
+"""Per-lane facts about a transition: ChEES's, ``num_steps`` counting
+gradients (two per step) and ``energy`` the potential."""
 
 
 def init(
@@ -88,13 +58,8 @@ def init(
         step_size: Initial HMC-scale step size (``init_adapt``).
         metric: ``"diag"``, ``"fisher"`` or ``"lowrank"``.
     """
-    potential, grad = jax.vmap(jax.value_and_grad(potential_fn))(positions)
-    flat, _ = _flat(positions)
-    lanes, dim = flat.shape
-    adapt = init_adapt(dim, flat.dtype, step_size, metric)
-    buffer = metric_window.buffer_init(metric, dim, flat.dtype)
-    return State(
-        positions, potential, grad, replicate(adapt, lanes), replicate(buffer, lanes)
+    return block_init(
+        positions, potential_fn, partial(init_adapt, step_size=step_size), metric
     )
 
 

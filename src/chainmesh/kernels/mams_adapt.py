@@ -33,10 +33,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from chainmesh.kernels import isokinetic, metric_window, metrics
-from chainmesh.kernels.chees_adapt import DA_GAMMA, DA_KAPPA, DA_T0
+from chainmesh.kernels.chees_adapt import (
+    dual_averaging,
+    step_size_fields,
+    window_metric,
+)
 from chainmesh.kernels.ensemble import AxisName, pooled_sum, welford_variance
 from chainmesh.kernels.metric_window import DrawBuffer, MetricWindow
 
@@ -128,16 +131,9 @@ class Stats(NamedTuple):
 
 def init(dim: int, dtype, step_size, length, metric: str) -> MAMSAdaptState:
     """The adaptation state before the first transition (one copy)."""
-    log_eps = jnp.log(jnp.asarray(step_size, dtype))
     log_length = jnp.log(jnp.asarray(length, dtype))
-    zero = jnp.zeros((), dtype)
     return MAMSAdaptState(
-        step=jnp.zeros((), jnp.int32),
-        log_step_size=log_eps,
-        log_step_size_avg=log_eps,
-        da_mu=log_eps + jnp.log(10.0).astype(dtype),
-        da_h_bar=zero,
-        window_count=zero,
+        **step_size_fields(step_size, dtype),
         log_length=log_length,
         log_length_avg=log_length,
         lag=jnp.zeros((3, dim), dtype),
@@ -193,10 +189,7 @@ def adapt(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> MAMSAdaptState:
     # Step size: dual averaging on the mean acceptance probability.
     count = a.window_count + 1.0
     error = hyper.target_accept - pooled["accept"] / jnp.maximum(pooled["n"], 1.0)
-    h_bar = (1 - 1 / (count + DA_T0)) * a.da_h_bar + error / (count + DA_T0)
-    log_eps = a.da_mu - jnp.sqrt(count) / DA_GAMMA * h_bar
-    eta = count**-DA_KAPPA
-    log_eps_avg = eta * log_eps + (1 - eta) * a.log_step_size_avg
+    log_eps, log_eps_avg, h_bar = dual_averaging(a, count, error)
 
     # Trajectory length: towards LENGTH_FACTOR x the time per effective draw,
     # from the cross-chain lag-1 autocovariance of the whitened positions.
@@ -215,17 +208,7 @@ def adapt(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> MAMSAdaptState:
     log_length_avg = w * log_length + (1 - w) * a.log_length_avg
 
     # Metric: pooled moments of the slow windows, replaced at a window's end.
-    t = jnp.minimum(a.step, hyper.num_warmup - 1)
-    window = metric_window.merge(a.window, pooled["batch"], hyper.collect[t])
-    ended = hyper.window_end[t]
-
-    def estimate() -> metrics.Metric:
-        return metric_window.estimate(
-            hyper.metric, window, stats.buffer, stats.real, hyper.axis_name,
-            a.metric,
-        )  # fmt: skip
-
-    metric = lax.cond(ended, estimate, lambda: a.metric)
+    _, window, ended, metric = window_metric(a, pooled["batch"], stats, hyper)
     # The new whitened coordinates change the scale of L and of the step:
     # carry both by the change of the root mean square whitened sd.
     var = welford_variance(window.draws)
