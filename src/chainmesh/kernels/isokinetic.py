@@ -86,6 +86,7 @@ def transition(
     eps: jax.Array,
     metric: metrics.Metric,
     num_steps: jax.Array,
+    adjusted: jax.Array | bool = True,
 ) -> Moved:
     """A fresh velocity, ``num_steps`` minimal-norm steps, the Metropolis test.
 
@@ -97,6 +98,8 @@ def transition(
         eps: Step size (shared), in time units of the whitened coordinates.
         metric: The inverse mass matrix ``Sigma`` (shared).
         num_steps: Integrator steps (shared, traced); two gradients each.
+        adjusted: False: accept every finite end point (an unadjusted
+            burn-in step; ``accept_prob`` still reports the Metropolis one).
     """
     x0, u0, g0 = start
     value_and_grad = jax.vmap(jax.value_and_grad(potential))
@@ -134,7 +137,7 @@ def transition(
     delta = jnp.where(jnp.isfinite(delta), delta, jnp.inf)
     accept_prob = jnp.minimum(jnp.exp(-delta), 1.0)
     uniform = jax.vmap(partial(jax.random.uniform, dtype=x0.dtype))(pairs[:, 1])
-    accept = uniform < accept_prob
+    accept = jnp.where(adjusted, uniform < accept_prob, jnp.isfinite(delta))
 
     def pick(new: jax.Array, old: jax.Array) -> jax.Array:
         return jnp.where(accept.reshape(accept.shape + (1,) * (new.ndim - 1)), new, old)

@@ -80,6 +80,25 @@ def init_adapt(
     return mams_adapt.init(dim, dtype, eps, INITIAL_STEPS * eps, metric)
 
 
+def burn_in_length(collect: np.ndarray) -> int:
+    """Unadjusted transitions that start the warmup: the first half of Stan's
+    initial fast buffer (none without slow windows).
+
+    From a tail of the posterior the chains of a mesh sit at potentials that
+    differ by orders of magnitude, and one shared step size cannot serve
+    them: on sblrc (8 chains from NumPyro's ``init_to_median``, potentials
+    1e4 to 9e6) dual averaging on the pooled acceptance took the step to
+    1e-8, where the far chains never moved again. A unit velocity moves a
+    chain by exactly the step size per step whatever the gradient, so
+    unadjusted isokinetic steps bring every chain in at the initial step size
+    and the length rule's pace (LAPS burns in the same way, Robnik & Seljak
+    2026); the step size is held meanwhile and adapts from the first adjusted
+    transition on.
+    """
+    starts = np.flatnonzero(collect)
+    return int(starts[0]) // 2 if starts.size else 0
+
+
 def build_step(
     potential_fn: Callable,
     num_warmup: int,
@@ -110,8 +129,9 @@ def build_step(
     collect, window_end = mass_schedule(num_warmup)
     slots = jnp.asarray(metric_window.buffer_slots(num_warmup))
     max_steps = max(max_num_steps // isokinetic.GRADIENTS_PER_STEP, 1)
+    burn_in = burn_in_length(collect)
     hyper = mams_adapt.Hyper(
-        num_warmup, target_accept, max_steps, jnp.asarray(collect),
+        num_warmup, target_accept, max_steps, burn_in, jnp.asarray(collect),
         jnp.asarray(window_end), metric, axis_name,
     )  # fmt: skip
 
@@ -131,13 +151,18 @@ def build_step(
             return potential_fn(unravel(q))
 
         start = (x0, state.potential_energy, _flat(state.grad)[0])
-        moved = isokinetic.transition(potential, keys, start, eps, a.metric, num_steps)
+        adjusted = ~warm | (a.step >= burn_in)
+        moved = isokinetic.transition(
+            potential, keys, start, eps, a.metric, num_steps, adjusted
+        )
         t = jnp.minimum(a.step, max(num_warmup, 1) - 1)
         slot = jnp.where(warm, slots[t], -1)
         kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
 
         def adapt(a: MAMSAdaptState) -> MAMSAdaptState:
-            stats = mams_adapt.Stats(x0, moved, real, eps * num_steps, kept)
+            stats = mams_adapt.Stats(
+                x0, state.potential_energy, moved, real, eps * num_steps, kept
+            )
             return mams_adapt.adapt(a, stats, hyper)
 
         ended = warm & hyper.window_end[t]

@@ -63,6 +63,13 @@ LENGTH_GAIN = 0.1
 MEMORY = 0.9
 """Decay per transition of the autocorrelation sums (about 10 transitions)."""
 
+RESOLUTION = 16.0
+NOISE = 0.05
+SIGNAL = 4.0
+"""A transition informs the step size where the rounding of its potentials
+(``RESOLUTION`` float epsilons of the larger) is below ``NOISE``, or its
+energy error is above ``SIGNAL`` times that rounding (``_informative``)."""
+
 RHO_RANGE = (-0.9, 0.999)
 """Clip of a coordinate's lag-1 autocorrelation (antithetic to frozen)."""
 
@@ -113,6 +120,7 @@ class Hyper(NamedTuple):
     num_warmup: int
     target_accept: float
     max_num_steps: int
+    burn_in: int  # unadjusted transitions first, the step size held
     collect: jax.Array  # bool per warmup transition: add draws to the window
     window_end: jax.Array  # bool per warmup transition: update the metric
     metric: str  # "diag", "fisher" or "lowrank"
@@ -123,6 +131,7 @@ class Stats(NamedTuple):
     """What the adaptation needs from one transition."""
 
     x0: jax.Array  # (lanes, d) positions before it
+    u0: jax.Array  # (lanes,) potentials before it
     moved: isokinetic.Moved
     real: jax.Array  # (lanes,) bool
     time: jax.Array  # its integration time: step size x steps
@@ -143,6 +152,20 @@ def init(dim: int, dtype, step_size, length, metric: str) -> MAMSAdaptState:
     )
 
 
+def _informative(u0: jax.Array, u1: jax.Array, delta: jax.Array) -> jax.Array:
+    """Lanes whose acceptance says something of the step size: the rounding
+    of their potentials (``RESOLUTION`` float epsilons of the larger) is below
+    ``NOISE``, or their energy error is well above that rounding. Far out in
+    the tails the potential is huge (2e5-4e8 on sblrc from uniform(-2, 2),
+    float32) and its rounding alone moves the energy error by 1-16 at any step
+    size; dual averaging towards 0.9 on that noise took the step to 1e-10 and
+    froze every chain there."""
+    size = jnp.maximum(jnp.abs(u0), jnp.abs(u1))
+    rounding = jnp.finfo(u0.dtype).eps * RESOLUTION * size
+    large = ~jnp.isfinite(delta) | (jnp.abs(delta) > SIGNAL * rounding)
+    return jnp.isfinite(size) & ((rounding < NOISE) | large)
+
+
 def _pooled(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> dict:
     """Sums over every real lane of the mesh, in chain order (one collective)."""
     shift = a.window.draws.mean
@@ -151,11 +174,11 @@ def _pooled(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> dict:
     finite = jnp.isfinite(w0).all(-1) & jnp.isfinite(w1).all(-1)
     w0, w1 = (jnp.where(finite[:, None], w, 0.0) for w in (w0, w1))
     one = jnp.ones_like(stats.moved.accept_prob)
+    informed = _informative(stats.u0, stats.moved.potential_energy, stats.moved.delta)
+    accept = jnp.where(jnp.isnan(stats.moved.accept_prob), 0.0, stats.moved.accept_prob)
     per_lane = {
-        "n": one,
-        "accept": jnp.where(
-            jnp.isnan(stats.moved.accept_prob), 0.0, stats.moved.accept_prob
-        ),
+        "n": informed.astype(one.dtype),
+        "accept": jnp.where(informed, accept, 0.0),
         "finite": finite.astype(one.dtype),
         "w": jnp.stack([w0, w1], axis=1),
         "ww": jnp.stack([w0 * w0, w0 * w1, w1 * w1], axis=1),
@@ -187,9 +210,15 @@ def adapt(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> MAMSAdaptState:
     n = jnp.maximum(pooled["finite"], 1.0)
 
     # Step size: dual averaging on the mean acceptance probability.
-    count = a.window_count + 1.0
+    # Lanes whose energy error is rounding only are left out; with none left
+    # the step size and dual averaging stay as they are.
+    informed = (pooled["n"] > 0) & (a.step >= hyper.burn_in)
+    count = a.window_count + informed
     error = hyper.target_accept - pooled["accept"] / jnp.maximum(pooled["n"], 1.0)
-    log_eps, log_eps_avg, h_bar = dual_averaging(a, count, error)
+    log_eps, log_eps_avg, h_bar = dual_averaging(a, jnp.maximum(count, 1.0), error)
+    log_eps = jnp.where(informed, log_eps, a.log_step_size)
+    log_eps_avg = jnp.where(informed, log_eps_avg, a.log_step_size_avg)
+    h_bar = jnp.where(informed, h_bar, a.da_h_bar)
 
     # Trajectory length: towards LENGTH_FACTOR x the time per effective draw,
     # from the cross-chain lag-1 autocovariance of the whitened positions.
@@ -204,7 +233,7 @@ def adapt(a: MAMSAdaptState, stats: Stats, hyper: Hyper) -> MAMSAdaptState:
     log_length = a.log_length + move
     top = log_eps + jnp.log(hyper.max_num_steps / 2.0)  # jitter reaches 2 L
     log_length = jnp.minimum(log_length, top).astype(dtype)
-    w = count**-0.5
+    w = jnp.maximum(count, 1.0) ** -0.5
     log_length_avg = w * log_length + (1 - w) * a.log_length_avg
 
     # Metric: pooled moments of the slow windows, replaced at a window's end.
