@@ -115,7 +115,9 @@ def test_turn_keeps_a_unit_velocity():
     assert float(change) == 0.0
 
 
-@pytest.mark.parametrize("metric", ["diag", "lowrank"])
+@pytest.mark.parametrize(
+    "metric", ["diag", pytest.param("lowrank", marks=pytest.mark.slow)]
+)
 def test_adaptation_does_not_depend_on_the_device_split(metric):
     """Pooled sums are summed in chain order: 1 and 4 devices agree to
     rounding over 120 transitions; one block without a mesh is bitwise 1."""
