@@ -43,6 +43,7 @@ def test_two_processes_match_one_process(tmp_path):
         # to 1 process.
         for kernel, options in {
             "chees": {"kernel": "chees"},
+            "mams": {"kernel": "mams"},
             "ensemble": {"adapt": "ensemble"},
             "async": {"inner": "async", "lanes": 1},
             "ensemble-lowrank": {"adapt": "ensemble", "metric": "lowrank"},

@@ -19,6 +19,7 @@ from models import linreg, linreg_data  # noqa: E402
 
 OTHERS = {
     "chees": {"kernel": "chees"},
+    "mams": {"kernel": "mams"},
     "ensemble": {"adapt": "ensemble"},
     "async": {"inner": "async", "lanes": 1},
     "ensemble-lowrank": {"adapt": "ensemble", "metric": "lowrank"},
