@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import chainmesh as cm
 from chainmesh.bench import runner as bench
 from chainmesh.bench.host import wait_for_quiet
 from chainmesh.bench.models import BENCH_MODELS, bench_data
@@ -274,3 +275,27 @@ def test_ensemble_kernels_and_blackjax_measure_their_own_work():
         assert m["lockstep_efficiency"] == 1.0
         assert m["compilations_cold"] >= 2 and m["compilations_warm"] == 0, method
         assert m["gradients_per_s"] > 0 and m["min_ess_bulk"] > 0
+
+
+@pytest.mark.slow
+def test_blackjax_mams_peer_counts_two_gradients_a_step():
+    """BlackJAX MAMS as the bench runs it: draws shaped (chains, draws, ...),
+    gradients even (two per minimal-norm step), and on a 2-d standard
+    Gaussian the means within 5 Monte-Carlo standard errors of 0."""
+    pytest.importorskip("blackjax")
+    import numpyro
+    import numpyro.distributions as dist
+
+    from chainmesh.bench.peers import blackjax_mams
+
+    def model():
+        numpyro.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+
+    out = blackjax_mams(model, (), 4, 100, 200)(0, ())
+    x = np.asarray(out.samples["x"])
+    assert x.shape == (4, 200, 2)
+    assert (out.steps_sampling % 2 == 0).all() and out.steps_sampling.min() >= 2
+    assert out.steps_warmup.sum() > 0
+    for j in range(2):
+        ess = cm.diagnostics.ess_bulk(x[..., j])
+        assert abs(x[..., j].mean()) < 5 / np.sqrt(ess)
