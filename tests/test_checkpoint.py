@@ -300,6 +300,7 @@ def shifted(a=0, b=0, mask=None):
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=0.0)
 
 
+@pytest.mark.slow  # 15-17 s; the quick run keeps the other refusals
 def test_resume_refuses_arguments_under_other_names(tmp_path, monkeypatch):
     sampler = cm.Sampler(shifted, checkpoint_dir=str(tmp_path), **RESUME_CONFIG)
     sampler.run(0, a=50)
@@ -372,6 +373,7 @@ class _EditedCallable:
 _EditedCallable.__qualname__ = _EditedCallable.__name__ = CallableLinreg.__name__
 
 
+@pytest.mark.slow  # 15-17 s; the quick run keeps the other refusals
 def test_resume_refuses_a_callable_object_with_edited_code(tmp_path, monkeypatch):
     config = {**RESUME_CONFIG, "checkpoint_dir": str(tmp_path)}
     assert identity.digest(CallableLinreg(1.0)) == identity.digest(CallableLinreg(1.0))

@@ -271,6 +271,7 @@ def _unloadable(entry: Path) -> None:
         disk.put(entry.name.removesuffix(persistent.SUFFIX), payload)
 
 
+@pytest.mark.slow  # 15-17 s; the quick run keeps the other refusals
 def test_an_entry_that_does_not_load_is_replaced(tmp_path):
     """One entry passes its checksum but does not load, one is a directory."""
     reference = _run(tmp_path)
