@@ -84,22 +84,10 @@ def _programs(
         except Exception as err:
             _note_static(err, call)
             raise
-        _check_dimension(config.kernel, info)
         kernel = build_kernel(prepared(bound, info), config, info)
         programs = Programs(info=info, kernel=kernel)
         CACHE.put(key, programs)
     return programs, data, call, bound
-
-
-def _check_dimension(kernel: str, info: Any) -> None:
-    """MAMS moves a unit velocity: on a line it cannot turn (needs d >= 2)."""
-    dim = sum(int(np.prod(s.shape)) for s in info.unconstrained.values())
-    if kernel == "mams" and dim < 2:
-        raise ValueError(
-            f"kernel='mams' needs at least 2 unconstrained coordinates (its "
-            f"velocity turns on a sphere); the model has {dim}. Use "
-            "kernel='nuts' or kernel='chees' for a one-parameter model"
-        )
 
 
 def _check_var_names(names: tuple[str, ...] | None, info: Any) -> None:

@@ -170,6 +170,50 @@ def init_adapt(
     )
 
 
+def advance(
+    state: ChEESState,
+    a: Any,
+    warm: jax.Array,
+    moved: Any,
+    unravel: Callable,
+    slots: jax.Array,
+    window_end: jax.Array,
+    adapt: Callable[[Any, DrawBuffer], Any],
+) -> ChEESState:
+    """The block's state after a transition (ChEES's and MAMS's).
+
+    During warmup the new draws go to their buffer slot (``slots``), the
+    buffer restarts after a window end, and ``adapt(a, kept)`` updates the
+    shared state ``a`` from the buffer with this transition's draws; after
+    warmup only the counter moves.
+
+    Args:
+        state: The block's state before the transition.
+        a: Its shared adaptation state (one copy).
+        warm: Whether the transition was a warmup one.
+        moved: The transition: new flat positions ``x``, ``potential_energy``
+            and ``grad`` of every lane.
+        unravel: One lane's flat position -> pytree.
+        slots: Buffer slot per warmup transition (-1: none).
+        window_end: Bool per warmup transition: a metric window ends.
+        adapt: The warmup update of the shared state.
+    """
+    t = jnp.minimum(a.step, window_end.shape[0] - 1)
+    slot = jnp.where(warm, slots[t], -1)
+    kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
+    buffer = metric_window.restart(kept, warm & window_end[t])
+    a = lax.cond(
+        warm, lambda a: adapt(a, kept), lambda a: a._replace(step=a.step + 1), a
+    )
+    return ChEESState(
+        jax.vmap(unravel)(moved.x),
+        moved.potential_energy,
+        jax.vmap(unravel)(moved.grad),
+        replicate(a, moved.x.shape[0]),
+        buffer,
+    )
+
+
 def build_step(
     potential_fn: Callable,
     num_warmup: int,
@@ -234,25 +278,13 @@ def build_step(
 
         start = (x0, state.potential_energy, _flat(state.grad)[0])
         moved = hmc.transition(potential, keys, start, eps, a.metric, num_steps)
-        t = jnp.minimum(a.step, max(num_warmup, 1) - 1)
-        slot = jnp.where(warm, slots[t], -1)
-        kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
 
-        def adapt(a: ChEESAdaptState) -> ChEESAdaptState:
+        def adapt(a: ChEESAdaptState, kept: DrawBuffer) -> ChEESAdaptState:
             return chees_adapt.adapt(
                 a, chees_adapt.Stats(x0, moved, real, jitter * length, kept), hyper
             )
 
-        ended = warm & hyper.window_end[t]
-        buffer = metric_window.restart(kept, ended)
-        a = lax.cond(warm, adapt, lambda a: a._replace(step=a.step + 1), a)
-        new = ChEESState(
-            jax.vmap(unravel)(moved.x),
-            moved.potential_energy,
-            jax.vmap(unravel)(moved.grad),
-            replicate(a, lanes),
-            buffer,
-        )
+        new = advance(state, a, warm, moved, unravel, slots, hyper.window_end, adapt)
         info = ChEESInfo(
             accept_prob=moved.accept_prob,
             num_steps=jnp.full((lanes,), num_steps),

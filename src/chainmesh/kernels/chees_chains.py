@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from chainmesh.config import SamplerConfig
@@ -74,7 +75,19 @@ def build_mams(model: Callable, config: SamplerConfig, info: ModelInfo) -> Kerne
 
     Like ``build_chees``: ``config`` gives the warmup length, the acceptance
     target and the cap of ``2**max_tree_depth - 1`` gradients a transition.
+
+    Raises:
+        ValueError: The model has fewer than 2 unconstrained coordinates (a
+            unit velocity cannot turn on a line); raised while the kernel is
+            built, before anything compiles.
     """
+    dim = sum(int(np.prod(s.shape)) for s in info.unconstrained.values())
+    if dim < 2:
+        raise ValueError(
+            f"kernel='mams' needs at least 2 unconstrained coordinates (its "
+            f"velocity turns on a sphere); the model has {dim}. Use "
+            "kernel='nuts' or kernel='chees' for a one-parameter model"
+        )
     return build_block_kernel(model, config, info, mams, skip_counter_adapt)
 
 

@@ -27,12 +27,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from chainmesh.kernels import isokinetic, mams_adapt, metric_window
-from chainmesh.kernels.chees import ChEESInfo, ChEESState, _flat, block_init, halton
-from chainmesh.kernels.ensemble import AxisName, first_lane, mass_schedule, replicate
+from chainmesh.kernels.chees import (
+    ChEESInfo,
+    ChEESState,
+    _flat,
+    advance,
+    block_init,
+    halton,
+)
+from chainmesh.kernels.ensemble import AxisName, first_lane, mass_schedule
 from chainmesh.kernels.mams_adapt import MAMSAdaptState
+from chainmesh.kernels.metric_window import DrawBuffer
 
 INITIAL_STEPS = 4.0
 """Steps per trajectory before the first update of ``L`` (``L = 4 eps``);
@@ -155,26 +162,14 @@ def build_step(
         moved = isokinetic.transition(
             potential, keys, start, eps, a.metric, num_steps, adjusted
         )
-        t = jnp.minimum(a.step, max(num_warmup, 1) - 1)
-        slot = jnp.where(warm, slots[t], -1)
-        kept = metric_window.record(state.buffer, slot, moved.x, moved.grad)
 
-        def adapt(a: MAMSAdaptState) -> MAMSAdaptState:
+        def adapt(a: MAMSAdaptState, kept: DrawBuffer) -> MAMSAdaptState:
             stats = mams_adapt.Stats(
                 x0, state.potential_energy, moved, real, eps * num_steps, kept
             )
             return mams_adapt.adapt(a, stats, hyper)
 
-        ended = warm & hyper.window_end[t]
-        buffer = metric_window.restart(kept, ended)
-        a = lax.cond(warm, adapt, lambda a: a._replace(step=a.step + 1), a)
-        new = State(
-            jax.vmap(unravel)(moved.x),
-            moved.potential_energy,
-            jax.vmap(unravel)(moved.grad),
-            replicate(a, lanes),
-            buffer,
-        )
+        new = advance(state, a, warm, moved, unravel, slots, hyper.window_end, adapt)
         info = Info(
             accept_prob=moved.accept_prob,
             num_steps=jnp.full((lanes,), num_steps * isokinetic.GRADIENTS_PER_STEP),
